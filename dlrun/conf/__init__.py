@@ -1,0 +1,1 @@
+"""Hydra config groups shipped with dlrun (a package so that Hydra finds them installed or editable)."""

@@ -1,0 +1,74 @@
+"""Everything rich: the config tree, result tables and error panels. No torch here: errors render fast."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+from dlrun.errors import UserError
+
+console = Console()
+err_console = Console(stderr=True)
+
+# Groups shown first in the config tree, in the order a reader thinks about an experiment.
+_TREE_ORDER = ("dataset", "model", "optim", "scheduler", "regularizer", "trainer", "hardware", "callbacks")
+
+
+def print_config_tree(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> None:
+    """The composed config as a tree, one branch per group, labelled with the chosen option."""
+    tree = Tree("[bold]config[/bold]")
+    keys = [k for k in _TREE_ORDER if k in cfg] + [k for k in cfg if k not in _TREE_ORDER]
+    for key in keys:
+        node = cfg[key]
+        choice = (choices or {}).get(key)
+        label = f"[bold cyan]{key}[/bold cyan]" + (f" [dim]= {choice}[/dim]" if choice else "")
+        if isinstance(node, DictConfig):
+            branch = tree.add(label)
+            body = OmegaConf.to_yaml(node, resolve=True).rstrip()
+            if body and body != "{}":
+                branch.add(Text(body, style="white"))
+        else:
+            value = OmegaConf.to_container(node, resolve=True) if isinstance(node, ListConfig) else node
+            tree.add(f"{label}: {value}")
+    console.print(tree)
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+    return str(value)
+
+
+def print_run_summary(summary: Mapping[str, Any]) -> None:
+    """The final metrics of one run and where its files are."""
+    table = Table(title=f"dlrun · {summary.get('status', '?')}", show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in summary.get("metrics", {}).items():
+        table.add_row(name, format_value(value))
+    console.print(table)
+    best = summary.get("best_value")
+    console.print(
+        f"best [bold]{summary.get('monitor')}[/bold] = {format_value(best)} at epoch {summary.get('best_epoch')}"
+        f" · {summary.get('epochs')} epochs · {summary.get('wall_seconds', 0):.1f} s"
+        f" · {summary.get('params', 0):,} parameters"
+    )
+    console.print(f"run directory: [link]{summary.get('run_dir')}[/link]")
+
+
+def print_user_error(error: UserError) -> None:
+    """One short panel on stderr: what was wrong and what to type instead."""
+    body = Text(error.message)
+    if error.hint:
+        body.append("\n\n" + error.hint, style="dim")
+    err_console.print(Panel(body, title=f"[bold red]{error.title}[/bold red]", border_style="red", expand=False))

@@ -1,0 +1,1 @@
+"""The LightningModule and what it is made of: tasks (loss + metrics), optimizers, schedulers, regularizers."""

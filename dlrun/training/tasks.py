@@ -1,0 +1,112 @@
+"""Loss and metrics per task. Metrics are accumulated as sums on the device and reduced once per epoch.
+
+Summing (not averaging) per batch makes the epoch metric exact whatever the batch sizes, costs no
+host-device sync per step, and reduces correctly across DDP ranks with one all-reduce of the sums.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dlrun.data.spec import DataSpec
+
+
+class Task:
+    """Loss for training and sufficient statistics for the epoch's metrics."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.label_smoothing = label_smoothing
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def stats(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sums over the batch; `loss` is the batch's mean data loss (already computed)."""
+        raise NotImplementedError
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class Multiclass(Task):
+    """Softmax + cross-entropy; accuracy. Per-step targets (N, T) are scored at every step."""
+
+    def loss(self, output, target):
+        return F.cross_entropy(
+            output.reshape(-1, output.shape[-1]), target.reshape(-1), label_smoothing=self.label_smoothing
+        )
+
+    def stats(self, output, target, loss):
+        n = target.numel()
+        correct = (output.argmax(dim=-1) == target).sum()
+        return {"loss": loss.detach() * n, "correct": correct, "count": torch.tensor(n, device=output.device)}
+
+    def metrics(self, sums):
+        count = max(sums["count"], 1.0)
+        return {"loss": sums["loss"] / count, "acc": sums["correct"] / count}
+
+
+class PerStep(Multiclass):
+    """A language model's per-character targets: also bits per character and perplexity."""
+
+    def metrics(self, sums):
+        out = super().metrics(sums)
+        out["bpc"] = out["loss"] / math.log(2)
+        out["ppl"] = math.exp(min(out["loss"], 50.0))
+        return out
+
+
+class Binary(Task):
+    """Sigmoid + binary cross-entropy on logits; accuracy at threshold 0.5."""
+
+    def loss(self, output, target):
+        target = target.reshape(output.shape).float()
+        if self.label_smoothing:
+            target = target * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
+        return F.binary_cross_entropy_with_logits(output, target)
+
+    def stats(self, output, target, loss):
+        target = target.reshape(output.shape)
+        n = target.numel()
+        correct = ((output > 0).to(target.dtype) == target).sum()
+        return {"loss": loss.detach() * n, "correct": correct, "count": torch.tensor(n, device=output.device)}
+
+    def metrics(self, sums):
+        count = max(sums["count"], 1.0)
+        return {"loss": sums["loss"] / count, "acc": sums["correct"] / count}
+
+
+class Regression(Task):
+    """Mean squared error; also MAE and R² (coefficient of determination)."""
+
+    def loss(self, output, target):
+        return F.mse_loss(output.reshape(target.shape), target)
+
+    def stats(self, output, target, loss):
+        output = output.detach().reshape(target.shape)
+        err = output - target
+        return {
+            "sse": (err * err).sum(),
+            "sae": err.abs().sum(),
+            "sum_y": target.sum(),
+            "sum_y2": (target * target).sum(),
+            "count": torch.tensor(target.numel(), device=output.device),
+        }
+
+    def metrics(self, sums):
+        count = max(sums["count"], 1.0)
+        mse = sums["sse"] / count
+        variance = sums["sum_y2"] / count - (sums["sum_y"] / count) ** 2
+        r2 = 1.0 - mse / variance if variance > 1e-12 else float("nan")
+        return {"loss": mse, "mse": mse, "mae": sums["sae"] / count, "r2": r2}
+
+
+def make_task(spec: DataSpec, label_smoothing: float = 0.0) -> Task:
+    if spec.task == "multiclass":
+        return (PerStep if spec.per_step else Multiclass)(label_smoothing)
+    if spec.task == "binary":
+        return Binary(label_smoothing)
+    return Regression()

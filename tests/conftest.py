@@ -1,0 +1,72 @@
+"""Shared fixtures: run the real `dlrun` command in a temporary directory, compose real configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+DLRUN = [sys.executable, "-m", "dlrun.cli"]
+
+
+@dataclass
+class Result:
+    """A finished `dlrun` process and the directories it wrote."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    output_dir: Path
+
+    @property
+    def run_dirs(self) -> list[Path]:
+        return sorted(p.parent for p in (self.output_dir / "runs").glob("*/*/config.yaml"))
+
+    @property
+    def run_dir(self) -> Path:
+        dirs = self.run_dirs
+        assert len(dirs) == 1, f"expected one run directory, found {dirs}\n{self.stdout}\n{self.stderr}"
+        return dirs[0]
+
+    def summary(self, run_dir: Path | None = None) -> dict:
+        return json.loads(((run_dir or self.run_dir) / "summary.json").read_text())
+
+
+@pytest.fixture
+def run_dlrun(tmp_path: Path) -> Callable[..., Result]:
+    """Run `dlrun ARGS...` as a user would, in tmp_path, with outputs under tmp_path/outputs."""
+
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 600, check: bool = True) -> Result:
+        full_env = {**os.environ, "DLRUN_OUTPUT_DIR": str(tmp_path / "outputs"), "COLUMNS": "120"}
+        full_env.pop("HYDRA_FULL_ERROR", None)
+        full_env.update(env or {})
+        proc = subprocess.run(
+            [*DLRUN, *args], cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout
+        )
+        result = Result(proc.returncode, proc.stdout, proc.stderr, tmp_path / "outputs")
+        if check and proc.returncode != 0:
+            raise AssertionError(f"dlrun {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return result
+
+    return run
+
+
+@pytest.fixture
+def compose_cfg() -> Callable[..., DictConfig]:
+    """Compose dlrun's real config with overrides, as Hydra does for the command line."""
+
+    def _compose(*overrides: str) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_module(config_module="dlrun.conf", version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
+
+    return _compose

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dlrun.data.spec import DataSpec
 from dlrun.errors import IncompatibleError, UserError
+from dlrun.models import init as init_schemes
 
 
 class Network(nn.Module):
@@ -21,12 +23,56 @@ class Network(nn.Module):
     """
 
     accepts: ClassVar[frozenset[str]] = frozenset({"image", "sequence", "flat"})
-    # Tasks the network can produce outputs for; per-step (language-model) targets need a sequence model.
+    # Per-step (language-model) targets need a model that returns one output per step: (N, T, outputs).
     per_step_capable: ClassVar[bool] = False
 
     def __init__(self, spec: DataSpec):
         super().__init__()
         self.spec = spec
+
+    def refuse(self, reason: str, hint: str) -> IncompatibleError:
+        """An error naming this model, the data set and its shape, for pairs only the knobs rule out."""
+        return IncompatibleError(
+            f"model={type(self).__name__.lower()} cannot take dataset={self.spec.name} "
+            f"({self.spec.kind} of shape {tuple(self.spec.input_shape)}): {reason}",
+            hint,
+        )
+
+
+def one_hot_tokens(x: torch.Tensor, spec: DataSpec) -> torch.Tensor:
+    """Token indices (N, T) become their one-hot view (N, T, V), the shape `spec.input_shape` promises.
+
+    Models without an embedding (mlp, cnn) read text this way; numbers pass through.
+    """
+    if spec.vocab_size and not x.is_floating_point():
+        return F.one_hot(x.long(), spec.vocab_size).float()
+    return x
+
+
+class SequenceInput(nn.Module):
+    """Reads any batch as (N, T, features) floats, for the sequence models.
+
+    Token indices go through an embedding of size `dim` (the one-hot view times a matrix, without
+    building the one-hot tensor); numbers are read by `as_sequence` and, with `project`, mapped to
+    `dim` features by a linear layer (a transformer's input projection). `features` is the width out.
+    """
+
+    def __init__(self, spec: DataSpec, dim: int, project: bool = False):
+        super().__init__()
+        self.tokens = bool(spec.vocab_size)
+        _, features = sequence_shape(spec)
+        if self.tokens:
+            self.proj: nn.Module = nn.Embedding(spec.vocab_size, dim)
+        elif project:
+            self.proj = nn.Linear(features, dim)
+        else:
+            self.proj = nn.Identity()
+        self.features = dim if self.tokens or project else features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tokens:
+            return self.proj(x.long())
+        return self.proj(as_sequence(x))
 
 
 def as_sequence(x: torch.Tensor) -> torch.Tensor:
@@ -50,11 +96,15 @@ def sequence_shape(spec: DataSpec) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
-def build_network(model_cfg: DictConfig, spec: DataSpec, model_name: str, overrides: dict[str, Any] | None = None):
+def build_network(
+    model_cfg: DictConfig, spec: DataSpec, model_name: str, overrides: dict[str, Any] | None = None
+) -> nn.Module:
     """Instantiate the configured network for `spec`, after checking that it can read the data.
 
     `overrides` are knobs set by regularizers (dropout sets `dropout`); they apply to the knobs this
-    model has, and a regularizer that finds none of its knobs is refused with both names.
+    model has, and a regularizer that finds none of its knobs is refused with both names. The knobs
+    `init`, `init_std` and `init_bias` are dlrun's, not the class's: they are applied to whatever
+    network the class builds (`dlrun.models.init`), so every model, a user's own included, has them.
     """
     cls = get_class(model_cfg._target_)
     accepts = getattr(cls, "accepts", None)
@@ -66,17 +116,22 @@ def build_network(model_cfg: DictConfig, spec: DataSpec, model_name: str, overri
         )
     if spec.per_step and not getattr(cls, "per_step_capable", False):
         raise IncompatibleError(
-            f"model={model_name} cannot take dataset={spec.name}: the data set has a target at every step "
-            "(a language model), and this model makes one prediction per sequence.",
-            "Use a recurrent or transformer model (model=lstm, model=transformer).",
+            f"model={model_name} cannot take dataset={spec.name}: its inputs are {spec.kind} of shape "
+            f"{tuple(spec.input_shape)} with a target at every step (a language model), and {model_name} "
+            "makes one prediction per sequence.",
+            "Use a recurrent, transformer or tcn model (model=lstm, model=transformer, model=tcn).",
         )
     kwargs = {}
     for key, value in (overrides or {}).items():
         if key in model_cfg:
             kwargs[key] = value
-    cfg = OmegaConf.merge(model_cfg, kwargs) if kwargs else model_cfg
-    # partial, then call: passed as an instantiate kwarg, the DataSpec dataclass would become a dict
-    return instantiate(cfg, _partial_=True, _convert_="all")(spec=spec)
+    cfg = OmegaConf.to_container(OmegaConf.merge(model_cfg, kwargs), resolve=True)
+    init_knobs = {k: cfg.pop(k) for k in init_schemes.KNOBS if k in cfg}
+    # partial, then call: passed as an instantiate kwarg, the DataSpec dataclass would become a dict;
+    # called outside instantiate, the model's own errors (IncompatibleError) reach the user unwrapped
+    network = instantiate(cfg, _partial_=True, _convert_="all")(spec=spec)
+    init_schemes.initialize(network, **init_knobs)
+    return network
 
 
 def require_knobs(model_cfg: DictConfig, model_name: str, knobs: tuple[str, ...], regularizer: str) -> None:

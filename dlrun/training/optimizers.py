@@ -1,4 +1,9 @@
-"""Optimizers from the `optim` group: any class taking (params, **knobs), torch.optim's by default."""
+"""Optimizers from the `optim` group: any class taking (params, **knobs), torch.optim's by default.
+
+Every option of the group is a torch.optim class whose update equals the lecture notes' equation for
+it, after the change of variables docs/optimization.md spells out (e.g. the notes' velocity
+v = -lr * PyTorch's momentum buffer); tests/test_optim.py checks each against the notes' formula.
+"""
 
 from __future__ import annotations
 

@@ -12,15 +12,22 @@ import torch
 import torch.nn.functional as F
 
 from dlrun.data.spec import DataSpec
+from dlrun.errors import UserError
 
 
 class Task:
-    """Loss for training and sufficient statistics for the epoch's metrics."""
+    """Loss for training and sufficient statistics for the epoch's metrics.
+
+    `label_smoothing` follows the notes (003): the target puts 1 - epsilon on the true class and spreads
+    epsilon evenly over the K - 1 others. It shapes the training objective only (`smooth=True`); the
+    logged losses are the plain ones, so runs with and without smoothing compare.
+    """
 
     def __init__(self, label_smoothing: float = 0.0):
         self.label_smoothing = label_smoothing
 
-    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def loss(self, output: torch.Tensor, target: torch.Tensor, smooth: bool = False) -> torch.Tensor:
+        """The batch's mean loss; against the smoothed targets when `smooth` (the training objective)."""
         raise NotImplementedError
 
     def stats(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -34,10 +41,12 @@ class Task:
 class Multiclass(Task):
     """Softmax + cross-entropy; accuracy. Per-step targets (N, T) are scored at every step."""
 
-    def loss(self, output, target):
-        return F.cross_entropy(
-            output.reshape(-1, output.shape[-1]), target.reshape(-1), label_smoothing=self.label_smoothing
-        )
+    def loss(self, output, target, smooth=False):
+        k = output.shape[-1]
+        # PyTorch spreads its epsilon over all K classes (the true one included): eps_pt = eps * K / (K - 1)
+        # leaves exactly 1 - eps on the true class and eps / (K - 1) on each other class.
+        eps = self.label_smoothing * k / (k - 1) if smooth and k > 1 else 0.0
+        return F.cross_entropy(output.reshape(-1, k), target.reshape(-1), label_smoothing=eps)
 
     def stats(self, output, target, loss):
         n = target.numel()
@@ -62,10 +71,10 @@ class PerStep(Multiclass):
 class Binary(Task):
     """Sigmoid + binary cross-entropy on logits; accuracy at threshold 0.5."""
 
-    def loss(self, output, target):
+    def loss(self, output, target, smooth=False):
         target = target.reshape(output.shape).float()
-        if self.label_smoothing:
-            target = target * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
+        if smooth and self.label_smoothing:  # (1, 0) -> (1 - eps, eps), as in the notes
+            target = target * (1 - 2 * self.label_smoothing) + self.label_smoothing
         return F.binary_cross_entropy_with_logits(output, target)
 
     def stats(self, output, target, loss):
@@ -82,7 +91,7 @@ class Binary(Task):
 class Regression(Task):
     """Mean squared error; also MAE and R² (coefficient of determination)."""
 
-    def loss(self, output, target):
+    def loss(self, output, target, smooth=False):
         return F.mse_loss(output.reshape(target.shape), target)
 
     def stats(self, output, target, loss):
@@ -105,8 +114,27 @@ class Regression(Task):
 
 
 def make_task(spec: DataSpec, label_smoothing: float = 0.0) -> Task:
+    """The task of `spec`'s data; refuses label smoothing where it has no meaning."""
+    if label_smoothing:
+        _check_label_smoothing(spec, label_smoothing)
     if spec.task == "multiclass":
         return (PerStep if spec.per_step else Multiclass)(label_smoothing)
     if spec.task == "binary":
         return Binary(label_smoothing)
     return Regression()
+
+
+def _check_label_smoothing(spec: DataSpec, epsilon: float) -> None:
+    if spec.task == "regression":
+        raise UserError(
+            f"regularizer=label_smoothing softens class targets, and dataset={spec.name} is a regression task.",
+            "Drop label_smoothing for regression; input_noise or weight_noise regularize it.",
+            title="Incompatible regularizer and data set",
+        )
+    k = 2 if spec.task == "binary" else spec.num_outputs
+    if epsilon > (k - 1) / k:
+        raise UserError(
+            f"regularizer.label_smoothing.epsilon = {epsilon:g}: with {k} classes it must be at most "
+            f"{(k - 1) / k:.3g}, or the true class gets less probability than each other class.",
+            "Use a smaller epsilon, e.g. regularizer.label_smoothing.epsilon=0.1.",
+        )

@@ -1,0 +1,5 @@
+"""Data sets as in-memory Lightning data modules, each describing itself with a DataSpec."""
+
+from dlrun.data.spec import DataSpec
+
+__all__ = ["DataSpec"]

@@ -1,0 +1,256 @@
+"""Run a sweep's jobs as separate processes, a few at a time, and record how each one ended.
+
+A job is a plain single `dlrun` run (`python -m dlrun.cli <overrides> hydra.run.dir=<job dir>`) in a
+new process session: its imports, CUDA context, W&B run, DDP children, crash or out-of-memory kill
+belong to it alone, and Lightning's DDP re-launch (which re-runs `sys.argv`) sees an ordinary run.
+Whatever happens to the process, its job directory ends with a `summary.json`: the job's own, or
+one this module writes with `status: failed` and the last lines of the job's output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+from dlrun.rundir import RunDir
+
+JOB_LOG = "job.log"  # the job process's stdout and stderr
+ERROR_LINES = 15  # lines of output kept as the error of a job that could not write its own summary
+_POLL_SECONDS = 0.2
+_BOX = "╭╮╰╯│─┃━┏┓┗┛"
+_KILL_GRACE_SECONDS = 10.0
+
+# Sweep directories launched by this process, for the report at the end of `dlrun -m` (see end_of_sweeps).
+launched_sweeps: list[Path] = []
+
+
+@dataclass
+class Job:
+    """One job of a sweep: its number, overrides and directory, and how to run it.
+
+    `command` is None when the job's config could not even be composed; `error` then says why, and
+    the job is recorded as failed without starting a process.
+    """
+
+    num: int
+    overrides: list[str]
+    job_dir: Path
+    command: list[str] | None
+    error: str | None = None
+    record: dict[str, Any] = field(default_factory=dict)  # monitor, mode: what the job would optimize
+
+
+@dataclass
+class _Running:
+    job: Job
+    process: subprocess.Popen
+    log: IO[str]
+    gpu: str | None
+    started: float
+    started_at: str
+    stopping_since: float | None = None
+    timed_out: bool = False
+
+
+def completed_summary(job_dir: Path) -> dict[str, Any] | None:
+    """The job's summary when it completed earlier (resume skips it), else None."""
+    try:
+        summary = json.loads((job_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if summary.get("status") == "completed" else None
+
+
+def set_aside(job_dir: Path) -> None:
+    """Move an earlier, unfinished attempt out of the way (into `.attempts/`), so a re-run starts clean."""
+    if not job_dir.exists():
+        return
+    attempts = job_dir.parent / ".attempts"
+    attempts.mkdir(exist_ok=True)
+    n = 1
+    while (attempts / f"{job_dir.name}.{n}").exists():
+        n += 1
+    shutil.move(str(job_dir), attempts / f"{job_dir.name}.{n}")
+
+
+def visible_gpus(gpus: Sequence[int | str] | None) -> list[str]:
+    """GPU ids to hand out: the configured ones, else CUDA_VISIBLE_DEVICES, else what nvidia-smi lists.
+
+    Asking nvidia-smi rather than torch keeps torch (seconds of imports) out of the sweep process.
+    """
+    if gpus is not None:
+        return [str(g) for g in gpus]
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return [g.strip() for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    n_jobs: int = 1,
+    gpus: Sequence[str] = (),
+    jobs_per_gpu: int = 1,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+    on_done: Callable[[Job, dict[str, Any]], None] | None = None,
+) -> dict[int, dict[str, Any]]:
+    """Run `jobs`, at most `n_jobs` at once, and return {job number: its final summary}.
+
+    With GPUs, each job sees one of them (CUDA_VISIBLE_DEVICES), handed out round robin to at most
+    `jobs_per_gpu` jobs each. A job running longer than `timeout` seconds is stopped. On an interrupt
+    (Ctrl-C) every running job is stopped before the interrupt goes on.
+    """
+    slots = min(n_jobs, len(gpus) * jobs_per_gpu) if gpus else n_jobs
+    load = dict.fromkeys(gpus, 0)
+    waiting = list(jobs)
+    running: list[_Running] = []
+    results: dict[int, dict[str, Any]] = {}
+    next_gpu = 0
+
+    def finish(job: Job, summary: dict[str, Any]) -> None:
+        results[job.num] = summary
+        if on_done is not None:
+            on_done(job, summary)
+
+    try:
+        while waiting or running:
+            while waiting and len(running) < slots:
+                job = waiting.pop(0)
+                if job.command is None:
+                    finish(job, _record_failure(job, job.error or "the job could not be composed", None, {}))
+                    continue
+                gpu = None
+                if gpus:  # round robin over the GPUs with a free place
+                    order = [gpus[(next_gpu + i) % len(gpus)] for i in range(len(gpus))]
+                    gpu = next(g for g in order if load[g] < jobs_per_gpu)
+                    load[gpu] += 1
+                    next_gpu = (gpus.index(gpu) + 1) % len(gpus)
+                running.append(_start(job, gpu, env))
+            time.sleep(_POLL_SECONDS)
+            for run in list(running):
+                if run.process.poll() is None:
+                    _enforce_timeout(run, timeout)
+                    continue
+                running.remove(run)
+                if run.gpu is not None:
+                    load[run.gpu] -= 1
+                finish(run.job, _collect(run))
+    finally:
+        for run in running:  # only on an interrupt or an error of our own
+            _stop(run, force=True)
+            run.log.close()
+    return results
+
+
+def _start(job: Job, gpu: str | None, env: dict[str, str] | None) -> _Running:
+    job.job_dir.mkdir(parents=True, exist_ok=True)
+    job_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    if gpu is not None:
+        job_env["CUDA_VISIBLE_DEVICES"] = gpu
+    log = open(job.job_dir / JOB_LOG, "w")  # noqa: SIM115 (closed when the job ends)
+    assert job.command is not None
+    process = subprocess.Popen(
+        job.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=job_env,
+        start_new_session=True,  # its own process group: a timeout stops the job and its DDP children
+    )
+    return _Running(job, process, log, gpu, time.time(), _now())
+
+
+def _enforce_timeout(run: _Running, timeout: float | None) -> None:
+    if timeout is None:
+        return
+    if run.stopping_since is None and time.time() - run.started > timeout:
+        run.timed_out = True
+        run.stopping_since = time.time()
+        _stop(run, force=False)
+    elif run.stopping_since is not None and time.time() - run.stopping_since > _KILL_GRACE_SECONDS:
+        _stop(run, force=True)
+
+
+def _stop(run: _Running, force: bool) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(run.process.pid, signal.SIGKILL if force else signal.SIGTERM)
+    if force:
+        run.process.wait()
+
+
+def _collect(run: _Running) -> dict[str, Any]:
+    """The job's final summary: its own if it wrote one and exited cleanly, else a failure record."""
+    run.log.close()
+    job, code = run.job, run.process.returncode
+    process = {
+        "num": job.num,
+        "command": job.command,
+        "returncode": code,
+        "gpu": run.gpu,
+        "log": JOB_LOG,
+        "process_started_at": run.started_at,
+        "process_finished_at": _now(),
+        "process_seconds": round(time.time() - run.started, 3),
+    }
+    try:
+        summary = RunDir(job.job_dir).read_summary()
+    except (OSError, ValueError):
+        summary = None
+    if summary is not None and code == 0:
+        summary["sweep_job"] = process
+        RunDir(job.job_dir).write_summary(summary)
+        return summary
+    tail = _tail(job.job_dir / JOB_LOG)
+    if run.timed_out:
+        reason = f"timed out: stopped after {process['process_seconds']:.0f} s (hydra.launcher.timeout)"
+    elif code < 0:
+        reason = f"killed by signal {signal.Signals(-code).name}" + (" (out of memory?)" if code == -9 else "")
+    else:
+        reason = f"exited with code {code}"
+    return _record_failure(job, f"{reason}\n{tail}".strip(), process, summary or {})
+
+
+def _record_failure(job: Job, error: str, process: dict[str, Any] | None, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write (or complete) the summary.json of a job that failed, and return it."""
+    now = _now()
+    record = {
+        **job.record,
+        "overrides": job.overrides,
+        "run_dir": str(job.job_dir),
+        "started_at": process["process_started_at"] if process else now,
+        "finished_at": process["process_finished_at"] if process else now,
+        "wall_seconds": process["process_seconds"] if process else 0.0,
+        **summary,  # what the job itself wrote before it died wins over the launcher's guesses
+        "status": "failed",
+    }
+    record["error"] = summary["error"] + "\n" + error if summary.get("error") else error
+    if process is not None:
+        record["sweep_job"] = process
+    RunDir(job.job_dir).write_summary(record)
+    return record
+
+
+def _tail(path: Path, lines: int = ERROR_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    # rich panels (dlrun's error messages) draw boxes: keep their words, not their borders
+    kept = [line.strip(_BOX + " \t") for line in text.splitlines()]
+    return "\n".join([line for line in kept if line][-lines:])
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

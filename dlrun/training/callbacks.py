@@ -1,11 +1,22 @@
-"""Callbacks from the `callbacks` group: early stopping, checkpoints, progress, and the monitor's history."""
+"""Callbacks from the `callbacks` group: early stopping, checkpoints, progress, the monitor's history,
+and what makes a run survive: a resumable `last` checkpoint, clean stops on signals, divergence stops."""
 
 from __future__ import annotations
 
+import logging
 import math
+import random
+import signal
 import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import (
     Callback,
@@ -16,7 +27,9 @@ from pytorch_lightning.callbacks import (
     RichProgressBar,
 )
 
-from dlrun.rundir import RunDir
+from dlrun.rundir import RunDir, RunInterrupted
+
+log = logging.getLogger("dlrun")
 
 
 class MonitorTracker(Checkpoint):
@@ -54,8 +67,188 @@ class MonitorTracker(Checkpoint):
         self.best_epoch = state_dict.get("best_epoch")
 
 
+class ResumeCheckpoint(Callback):
+    """Writes `last.ckpt` at the start of every epoch and when training ends, with the random state.
+
+    At an epoch's start everything of the previous epoch is settled (scheduler stepped, early
+    stopping and the tracker updated, metrics logged), so a run resumed from here replays exactly
+    what the uninterrupted run would have done; Lightning restarts such a checkpoint at the epoch's
+    start. An interruption loses at most the epoch in progress. The random state (torch, CUDA,
+    numpy, Python) is this callback's state, saved with the checkpoint as plain tensors and tuples
+    so that the checkpoint loads with `weights_only=True`.
+    """
+
+    def __init__(self, run_dir: RunDir):
+        self.path = run_dir.checkpoint("last")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The epoch loop resets its per-epoch progress right after this hook; resetting it first
+        # makes the checkpoint read "epoch N, no batch yet" (not "epoch N-1's batches all done",
+        # which Lightning would restart by skipping epoch N).
+        loop = trainer.fit_loop.epoch_loop
+        for progress in (loop.batch_progress, loop.scheduler_progress,
+                         loop.automatic_optimization.optim_progress, loop.val_loop.batch_progress):
+            progress.reset_on_run()
+        loop.val_loop.batch_progress.total.reset()
+        trainer.save_checkpoint(self.path)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.save_checkpoint(self.path)
+
+    def state_dict(self) -> dict[str, Any]:
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)},
+            "python": random.getstate(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        np_state = state_dict["numpy"]
+        np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                             np_state["has_gauss"], np_state["cached"]))
+        random.setstate(state_dict["python"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class Interruption(Callback):
+    """Turns Ctrl-C, SIGTERM and SIGUSR1 (SLURM's warning before preemption) into a clean stop.
+
+    The handler only records the signal; the run stops at the next batch boundary by raising
+    RunInterrupted, so no step or file write is cut in half. A second Ctrl-C stops at once. Under
+    DDP the ranks agree on stopping (one boolean all-reduce per training batch), because a rank
+    that left alone would hang the others' gradient all-reduce.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @contextmanager
+    def catching(self) -> Iterator[None]:
+        """Install the handlers for the duration of the block (main thread only: Python's rule)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait
+        self.signum = signum
+        log.warning("received %s: stopping after this batch", signal.Signals(signum).name)
+
+    def _check(self, trainer: pl.Trainer, collective: bool) -> None:
+        stop = self.signum is not None
+        if collective and trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            raise RunInterrupted(self.signum or signal.SIGTERM)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._check(trainer, collective=True)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if trainer.world_size == 1:  # ranks may hold different numbers of validation batches
+            self._check(trainer, collective=False)
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite, or exploded: a result of the run, not a bug."""
+
+    def __init__(self, step: int, epoch: int, loss: float, reason: str):
+        super().__init__(f"diverged at step {step} (epoch {epoch}): {reason}")
+        self.step, self.epoch, self.loss, self.reason = step, epoch, loss, reason
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "loss": str(self.loss), "reason": self.reason}
+
+
+class DivergenceGuard(Callback):
+    """Stops training when a step's loss is NaN/inf or exceeds `factor` x the first step's loss.
+
+    The losses of the steps since the last check stay on the device (no host sync per step); they
+    are read every `check_every` steps and at the last batch of every epoch, before validation,
+    so a diverged run stops within the epoch it diverged in. By default that is every 50 steps on
+    an accelerator, and every step on the CPU, where reading costs nothing. The step reported is
+    the first bad one: the training batch counted from 0 over the whole run.
+    """
+
+    def __init__(self, factor: float | None, check_every: int | None = None):
+        self.factor = factor
+        self.check_every = check_every
+        self.initial_loss: float | None = None
+        self._pending: list[tuple[int, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        loss = loss.detach()
+        if self.initial_loss is None:
+            self.initial_loss = float(loss)  # one host sync, once per run
+        self._pending.append((trainer.fit_loop.epoch_loop.total_batch_idx, loss))
+        every = self.check_every or (1 if loss.device.type == "cpu" else 50)
+        if len(self._pending) >= every or batch_idx + 1 >= trainer.num_training_batches:
+            self._check(trainer)
+
+    def _check(self, trainer: pl.Trainer) -> None:
+        steps = [step for step, _ in self._pending]
+        losses = torch.stack([loss.float() for _, loss in self._pending]).cpu()  # the sync
+        self._pending = []
+        limit = self.factor * abs(self.initial_loss) if self.factor and self.initial_loss else math.inf
+        bad = ~torch.isfinite(losses) | (losses.abs() > limit)
+        first = int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
+        stop = first is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        if first is None:
+            raise Diverged(steps[-1], trainer.current_epoch, math.nan, "the loss diverged on another rank")
+        loss = float(losses[first])
+        if math.isfinite(loss):
+            reason = f"loss {loss:.4g} exceeds {self.factor:g} x the first step's loss {self.initial_loss:.4g}"
+        else:
+            reason = f"loss is {loss}"
+        raise Diverged(steps[first], trainer.current_epoch, loss, reason)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"initial_loss": self.initial_loss}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.initial_loss = state_dict.get("initial_loss")
+
+
+class FirstStepClock(Callback):
+    """The wall time at which the first training batch starts (for summary.json's startup_seconds)."""
+
+    def __init__(self):
+        self.first_step_at: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+
+
 def build_callbacks(cfg: DictConfig, run_dir: RunDir, validating: bool) -> tuple[list[Callback], MonitorTracker]:
-    """The configured callbacks, plus the tracker that summary.json reads."""
+    """The configured callbacks, plus the tracker that summary.json reads.
+
+    `best.ckpt` is ModelCheckpoint's; `last.ckpt` is ResumeCheckpoint's (written at epoch starts,
+    where resuming is exact, rather than after validation, where ModelCheckpoint would write it).
+    """
     monitor, mode = cfg.monitor, cfg.mode
     # Without validation, metrics are logged at the end of the training epoch: check them there.
     on_train_end = not validating
@@ -67,7 +260,7 @@ def build_callbacks(cfg: DictConfig, run_dir: RunDir, validating: bool) -> tuple
             monitor=monitor,
             mode=mode,
             save_top_k=1,
-            save_last=cfg.checkpoint.save_last,
+            save_last=False,  # ResumeCheckpoint writes last.ckpt
             auto_insert_metric_name=False,
             enable_version_counter=False,
             save_on_train_epoch_end=on_train_end,
@@ -87,6 +280,11 @@ def build_callbacks(cfg: DictConfig, run_dir: RunDir, validating: bool) -> tuple
                 check_finite=False,  # a NaN loss is a result (diverged), reported by dlrun, not a stop reason here
             )
         )
+    if cfg.checkpoint.save_last:
+        callbacks.append(ResumeCheckpoint(run_dir))
+    divergence = cfg.get("divergence")
+    if divergence is not None and divergence.enabled:
+        callbacks.append(DivergenceGuard(divergence.factor))
     if cfg.model_summary:
         callbacks.append(RichModelSummary(max_depth=1))
     if show_progress_bar(cfg.progress_bar):

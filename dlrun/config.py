@@ -71,8 +71,8 @@ class Rule:
     def accepts(self, value: Any) -> bool:
         if value is None:
             return self.nullable
-        if self.choices is not None:
-            return isinstance(value, str) and value in self.choices
+        if self.choices is not None:  # an int is read as its text: hardware.precision=32
+            return isinstance(value, (str, int)) and not isinstance(value, bool) and str(value) in self.choices
         if self.kind in ("ints", "floats"):
             scalar = "int" if self.kind == "ints" else "float"
             if isinstance(value, (list, tuple, ListConfig)):
@@ -123,6 +123,7 @@ RULES: dict[str, Rule] = {
     # --- top level -------------------------------------------------------------------------
     "seed": Rule("int", low=0),
     "print_config": Rule("bool"),
+    "resume": Rule("str", nullable=True),  # a run directory; the CLI checks it and re-uses its config
     # --- dataset (shared keys, then per-data-set knobs) ------------------------------------
     "dataset.batch_size": positive_int(),
     "dataset.n_train": positive_int(nullable=True),
@@ -130,12 +131,22 @@ RULES: dict[str, Rule] = {
     "dataset.test_fraction": Rule("float", low=0, high=1, low_open=True, high_open=True),
     "dataset.normalize": Rule("bool"),
     "dataset.length": positive_int(),
-    "dataset.n_samples": positive_int(),
+    "dataset.n_samples": Rule("int", low=10),  # enough for three non-empty splits
     "dataset.noise": non_negative(),
+    "dataset.repeat": positive_int(),
+    "dataset.factor": Rule("float", low=0, high=1, low_open=True, high_open=True),
+    "dataset.arms": Rule("int", low=2),
+    "dataset.turns": positive(),
+    "dataset.centers": Rule("int", low=2),
+    "dataset.n_features": positive_int(),
+    "dataset.degree": positive_int(),
+    "dataset.symbols": Rule("int", low=2),
+    "dataset.period": Rule("float", low=2),  # steps per cycle; fewer than 2 aliases
     "dataset.download": Rule("bool"),
     "dataset.root": Rule("str"),
-    "dataset.path": Rule("str"),
+    "dataset.path": Rule("str", nullable=True),  # null: the text data set says what to set
     "dataset.window": positive_int(),
+    "dataset.stride": positive_int(nullable=True),
     # --- model ------------------------------------------------------------------------------
     "model.width": Rule("ints", low=1),
     "model.depth": Rule("int", low=0),
@@ -160,7 +171,10 @@ RULES: dict[str, Rule] = {
     "model.dilations": Rule("ints", low=1),
     "model.init": Rule("str", choices=INIT_SCHEMES),
     "model.init_std": positive(),
-    "model.init_bias": Rule("float"),
+    "model.init_bias": Rule("float", nullable=True),
+    "model.convs": positive_int(),
+    "model.pooling": Rule("str", choices=("mean", "last", "cls")),
+    "model.positional": Rule("str", choices=("sinusoidal", "learned", "none")),
     # --- optimizer ---------------------------------------------------------------------------
     "optim.lr": positive(),
     "optim.momentum": probability(),
@@ -168,34 +182,51 @@ RULES: dict[str, Rule] = {
     "optim.nesterov": Rule("bool"),
     "optim.weight_decay": non_negative(),
     "optim.betas": Rule("floats", low=0, high=1, high_open=True, length=2),
-    "optim.eps": positive(),
+    "optim.eps": non_negative(),  # 0 only with adagrad's initial_accumulator_value > 0 (cross-checked)
     "optim.alpha": probability(),
     "optim.lr_decay": non_negative(),
     "optim.initial_accumulator_value": non_negative(),
     "optim.centered": Rule("bool"),
     "optim.amsgrad": Rule("bool"),
     # --- scheduler ---------------------------------------------------------------------------
+    "scheduler.interval": Rule("str", choices=("epoch", "step")),
     "scheduler.step_size": positive_int(),
     "scheduler.gamma": Rule("float", low=0, high=1, low_open=True),
     "scheduler.decay": non_negative(),
-    "scheduler.patience": Rule("int", low=0),
-    "scheduler.factor": Rule("float", low=0, high=1, low_open=True, high_open=True),
-    "scheduler.warmup_epochs": Rule("int", low=0),
-    "scheduler.min_lr": non_negative(),
+    "scheduler.start_factor": Rule("float", low=0, high=1, low_open=True),
     "scheduler.end_factor": Rule("float", low=0, high=1),
-    "scheduler.total_epochs": positive_int(nullable=True),
+    "scheduler.total_iters": positive_int(),
+    "scheduler.warmup_iters": Rule("int", low=0),
+    "scheduler.T_max": positive_int(),
+    "scheduler.eta_min": non_negative(),
+    "scheduler.mode": Rule("str", choices=("min", "max")),
+    "scheduler.factor": Rule("float", low=0, high=1, low_open=True, high_open=True),
+    "scheduler.patience": Rule("int", low=0),
+    "scheduler.threshold": non_negative(),
+    "scheduler.cooldown": Rule("int", low=0),
+    "scheduler.min_lr": non_negative(),
     # --- regularizers (each sits under its own name: regularizer.l2.alpha) -------------------
     "regularizer.*.alpha": non_negative(),
     "regularizer.*.l1": non_negative(),
     "regularizer.*.l2": non_negative(),
     "regularizer.*.p": probability(),
     "regularizer.*.p_input": probability(),
-    "regularizer.*.max_norm": positive(),
+    "regularizer.*.c": positive(),
     "regularizer.*.sigma": non_negative(),
     "regularizer.*.epsilon": probability(),
     "regularizer.*.threshold": positive(),
+    "regularizer.*.algorithm": Rule("str", choices=("norm", "value")),
+    "regularizer.*.crop_padding": Rule("int", low=0),
+    "regularizer.*.flip": Rule("bool"),
+    "regularizer.*.degrees": Rule("float", low=0, high=180),
+    "regularizer.*.scale": Rule("float", low=0, high=1, high_open=True),
+    "regularizer.*.cutout": Rule("int", low=0),
     # --- hardware ----------------------------------------------------------------------------
+    "hardware.accelerator": Rule("str", choices=("auto", "cpu", "gpu", "cuda", "mps")),
+    # hardware.devices (a count, -1, "auto" or a list of ids) is checked in _hardware_checks
     "hardware.num_nodes": positive_int(),
+    # ddp_spawn is left out on purpose: its ranks run in spawned children, out of the summary's reach
+    "hardware.strategy": Rule("str", choices=("auto", "ddp", "ddp_find_unused_parameters_true")),
     "hardware.sync_batchnorm": Rule("bool"),
     "hardware.precision": Rule(
         "str", choices=("32-true", "32", "16-mixed", "bf16-mixed", "64-true", "bf16-true", "16-true")
@@ -209,12 +240,30 @@ RULES: dict[str, Rule] = {
     "callbacks.early_stopping.stopping_threshold": Rule("float", nullable=True),
     "callbacks.checkpoint.save_last": Rule("bool"),
     "callbacks.model_summary": Rule("bool"),
+    "callbacks.divergence.enabled": Rule("bool"),
+    "callbacks.divergence.factor": Rule("float", low=1, low_open=True, nullable=True),
+    # --- logger (each sits under its own name: logger.wandb.mode; tags are checked by the logger) --
+    "logger.wandb.mode": Rule("str", choices=("online", "offline", "disabled"), nullable=True),
+    "logger.wandb.project": Rule("str"),
+    "logger.wandb.entity": Rule("str", nullable=True),
+    "logger.wandb.group": Rule("str", nullable=True),
+    "logger.wandb.name": Rule("str", nullable=True),
+    "logger.wandb.job_type": Rule("str", nullable=True),
+    "logger.wandb.log_model": Rule("bool"),
+    "logger.tensorboard.name": Rule("str"),
+    "logger.tensorboard.version": Rule("str"),
+    "logger.tensorboard.default_hp_metric": Rule("bool"),
     # --- trainer -----------------------------------------------------------------------------
     "trainer.max_epochs": positive_int(),
     "trainer.min_epochs": Rule("int", low=0),
     "trainer.deterministic": Rule("bool"),
     "trainer.log_every_n_steps": positive_int(),
     "trainer.num_sanity_val_steps": Rule("int", low=-1),
+    # --- sweep (dlrun -m; the launcher checks its own hydra.launcher.* knobs) -----------------
+    "sweep.n_trials": positive_int(),
+    "sweep.n_startup_trials": Rule("int", low=0),
+    "sweep.seed": Rule("int", low=0, nullable=True),
+    "sweep.resume": Rule("str", nullable=True),
 }
 
 # Keys whose value may be an int (a number of batches) or a float (a fraction of the batches).
@@ -224,7 +273,7 @@ _LIMIT_KEYS = ("trainer.limit_train_batches", "trainer.limit_val_batches", "trai
 def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """Yield (dotted key, value) for every leaf; lists of scalars count as one leaf."""
     if isinstance(node, DictConfig):
-        for key in node.keys():
+        for key in node:
             if str(key).startswith("_") and str(key).endswith("_"):
                 continue  # _target_, _partial_: Hydra's, not a knob
             yield from _leaves(node[key], f"{prefix}{key}.")
@@ -269,6 +318,26 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
     lo, hi = tr.get("min_epochs"), tr.get("max_epochs")
     if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
         problems.append(f"trainer.min_epochs = {lo} exceeds trainer.max_epochs = {hi}")
+    opt = cfg.get("optim", {})
+    if opt.get("eps") == 0 and not opt.get("initial_accumulator_value"):  # adagrad's delta may replace eps
+        problems.append("optim.eps = 0: divides by zero wherever a gradient is 0; use optim.eps > 0")
+    return problems + _hardware_checks(cfg.get("hardware", {}))
+
+
+def _hardware_checks(hw: Any) -> list[str]:
+    problems = []
+    devices = _plain(hw.get("devices", 1))
+    if not (
+        devices == "auto"
+        or (isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1))
+        or (isinstance(devices, list) and devices and all(isinstance(d, int) and d >= 0 for d in devices))
+    ):
+        problems.append(
+            f"hardware.devices = {devices!r}: expected a count >= 1, -1 (every visible device), auto,"
+            " or a list of device ids"
+        )
+    if hw.get("sync_batchnorm") is True and hw.get("accelerator") == "cpu":
+        problems.append("hardware.sync_batchnorm = true: torch's SyncBatchNorm runs on GPUs only; set it to false")
     return problems
 
 

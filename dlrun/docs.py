@@ -42,15 +42,47 @@ def _describe(path: Path) -> tuple[str, str]:
     return description.replace("|", "\\|"), ", ".join(f"`{k}`" for k in knobs)
 
 
+def group_options(conf_dir: Path = CONF_DIR) -> dict[str, list[tuple[str, str, str]]]:
+    """{group: [(option, description, knobs), ...]} for every group folder under `conf_dir`."""
+    return {
+        group: [(p.stem, *_describe(p)) for p in sorted((conf_dir / group).glob("*.yaml"))]
+        for group in GROUPS
+        if (conf_dir / group).is_dir()
+    }
+
+
+def print_help() -> None:
+    """`dlrun --help`: groups and options read straight from the YAML files (Hydra's help composes
+    every option of every group, which takes seconds)."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console()
+    console.print("[bold]dlrun[/bold]: config-driven deep-learning experiments (Hydra + PyTorch Lightning)\n")
+    console.print("Usage: dlrun [GROUP=OPTION ...] [KEY=VALUE ...] [-m]   (-m: sweep over comma lists)\n")
+    table = Table("group", "option", "what it is", show_lines=False, header_style="bold")
+    for group, options in group_options().items():
+        for i, (option, description, _) in enumerate(options):
+            table.add_row(group if i == 0 else "", option, Text(description.replace("\\|", "|")))
+    console.print(table)
+    console.print(
+        "\nExamples:\n"
+        "  dlrun model=lstm optim=sgd optim.lr=0.1\n"
+        "  dlrun 'regularizer=[l2,dropout]' trainer.max_epochs=20 seed=3\n"
+        "  dlrun debug=fast                         one short epoch, any combination\n"
+        "  dlrun -m model=mlp,cnn optim=sgd,adam    grid sweep\n"
+        "  dlrun --cfg job                          the composed config with every key, nothing trained\n"
+        "  dlrun --hydra-help                       Hydra's own flags\n"
+        "Your own configs: hydra.searchpath=[file:///path/to/conf]. Tracebacks: HYDRA_FULL_ERROR=1.",
+        markup=False,
+    )
+
+
 def render_table(conf_dir: Path = CONF_DIR) -> str:
     rows = ["| group | option | what it is | knobs |", "|---|---|---|---|"]
-    for group in GROUPS:
-        folder = conf_dir / group
-        if not folder.is_dir():
-            continue
-        for option in sorted(folder.glob("*.yaml")):
-            description, knobs = _describe(option)
-            rows.append(f"| `{group}` | `{option.stem}` | {description} | {knobs} |")
+    for group, options in group_options(conf_dir).items():
+        rows += [f"| `{group}` | `{option}` | {description} | {knobs} |" for option, description, knobs in options]
     return "\n".join(rows)
 
 

@@ -7,8 +7,10 @@ that owns it. It is imported only after the config has been validated, since it 
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -16,15 +18,20 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from dlrun import __version__
+from dlrun import IMPORTED_AT, __version__
 from dlrun.console import console, print_config_tree, print_run_summary
 from dlrun.data.datamodule import InMemoryDataModule
+from dlrun.data.spec import DataSpec
+from dlrun.distributed import children_join_this_run, is_rank_zero, keep_log_to_rank_zero
+from dlrun.errors import UserError
 from dlrun.models.base import build_network, require_knobs
-from dlrun.rundir import RunDir
-from dlrun.tracking import build_loggers
-from dlrun.training.callbacks import build_callbacks
+from dlrun.rundir import RunDir, RunInterrupted, load_checkpoint
+from dlrun.tracking import build_loggers, finalize_loggers
+from dlrun.training.callbacks import Diverged, FirstStepClock, Interruption, MonitorTracker, build_callbacks
 from dlrun.training.module import Experiment
 from dlrun.training.regularizers import Regularizer
 from dlrun.training.tasks import make_task
@@ -37,15 +44,23 @@ for _pattern in (
     r".*does not have many workers.*",
     r".*Checkpoint directory .* exists and is not empty.*",
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    r".*when logging on epoch level in distributed setting.*",  # Experiment reduces its sums itself
+    r".*The `srun` command is available on your system but is not used.*",  # a local run on a SLURM login node
 ):
     warnings.filterwarnings("ignore", _pattern)
 
 
 def run_experiment(cfg: DictConfig) -> float | None:
-    """Train and test one configuration; write the run directory; return the best monitored value."""
+    """Train and test one configuration; write the run directory; return the best monitored value.
+
+    With `resume` set (the CLI has put the run's own config in `cfg` and its directory in
+    hydra.run.dir), training continues from the directory's last checkpoint. A diverged run returns
+    the worst value (inf for mode=min, -inf for max) so that a sweeper ranks it last.
+    """
     hydra_cfg = HydraConfig.get()
     run_dir = RunDir(hydra_cfg.runtime.output_dir)
-    overrides = list(hydra_cfg.overrides.task)
+    resuming = bool(cfg.get("resume"))
+    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("resume=")]
     choices = dict(hydra_cfg.runtime.choices)
     started = time.time()
     summary: dict[str, Any] = {
@@ -59,55 +74,64 @@ def run_experiment(cfg: DictConfig) -> float | None:
         "run_dir": str(run_dir.path),
         "started_at": _now(),
     }
-    run_dir.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    run_dir.write_text("overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    previous = run_dir.read_summary_if_any() if resuming else None
+    if previous:  # one summary for the whole run, however many sessions it took
+        summary["started_at"] = previous.get("started_at", summary["started_at"])
+        started -= previous.get("wall_seconds", 0.0)
+    keep_log_to_rank_zero()
+    if is_rank_zero() and not resuming:  # DDP ranks > 0 share this directory and write nothing to it
+        run_dir.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        run_dir.write_text("overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    # data -> spec -> network: the spec decides how the network is shaped, or that it cannot be built
-    datamodule: InMemoryDataModule = instantiate(cfg.dataset, seed=cfg.seed, name=choices.get("dataset"))
-    spec = datamodule.prepare()
-    regularizers: list[Regularizer] = [instantiate(r) for r in cfg.regularizer.values() if r is not None]
-    model_overrides: dict[str, Any] = {}
-    for reg in regularizers:
-        if reg.model_knobs:
-            require_knobs(cfg.model, choices.get("model", "?"), reg.model_knobs, reg.name)
-        model_overrides.update(reg.model_overrides())
-    network = build_network(cfg.model, spec, choices.get("model", "?"), model_overrides)
-    summary["params"] = sum(p.numel() for p in network.parameters())
+    datamodule, spec, module = build_experiment(cfg, choices)
+    summary["params"] = sum(p.numel() for p in module.network.parameters())
     summary["data"] = spec.describe()
+    resume_from = _resume_checkpoint(run_dir, module) if resuming else None
+    if resume_from:
+        summary["resumed"] = [*(previous or {}).get("resumed", []), {"at": _now(), "epoch": resume_from[1]}]
 
-    module = Experiment(network, make_task(spec), cfg.optim, cfg.scheduler, regularizers, cfg.callbacks.monitor)
-    validating = cfg.trainer.limit_val_batches != 0
-    callbacks, tracker = build_callbacks(cfg.callbacks, run_dir, validating)
-    trainer = pl.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        **OmegaConf.to_container(cfg.hardware, resolve=True),
-        logger=build_loggers(cfg.logger, run_dir.path) or False,
-        callbacks=callbacks,
-        default_root_dir=str(run_dir.path),
-        enable_model_summary=False,  # the callbacks group adds a rich one
-        enable_progress_bar=any(type(c).__name__ == "RichProgressBar" for c in callbacks),
-    )
+    trainer, tracker, interruption = build_trainer(cfg, run_dir, choices)
+    # dataset.batch_size is per device; one optimizer step sees this many samples
+    summary["global_batch_size"] = cfg.dataset.batch_size * trainer.world_size * trainer.accumulate_grad_batches
     if trainer.is_global_zero:
         if cfg.print_config:
             print_config_tree(cfg, choices)
         console.print(f"[bold]data[/bold] {spec.describe()} · run directory {run_dir.path}")
 
     try:
-        trainer.fit(module, datamodule=datamodule)
-        # read before testing: loading the best checkpoint restores the tracker's state as saved then
-        summary.update(best_value=tracker.best_value, best_epoch=tracker.best_epoch, epochs=trainer.current_epoch)
-        best_ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        fitted = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best_ckpt or None, verbose=False)
+        with interruption.catching(), children_join_this_run(trainer, hydra_cfg):  # DDP: ranks > 0 run this job
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from and resume_from[0], weights_only=True)
+            # read before testing: loading the best checkpoint restores the tracker's state as saved then
+            summary.update(best_value=tracker.best_value, best_epoch=tracker.best_epoch, epochs=trainer.current_epoch)
+            best_ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            fitted = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            tested = trainer.test(module, datamodule=datamodule, ckpt_path=best_ckpt or None, verbose=False,
+                                  weights_only=True)
+            if interruption.signum is not None:  # arrived while testing: the run is complete but unrecorded
+                raise RunInterrupted(interruption.signum)
         summary["status"] = "completed"
-    except Exception as err:
+    except Diverged as err:
+        # a result: the summary says where; the sweeper gets the worst value and goes on
+        summary.update(status="diverged", diverged=err.as_dict())
+        _stopped(summary, tracker, trainer, started, run_dir)
+        if trainer.is_global_zero:
+            print_run_summary(summary)
+            console.print(f"[bold red]diverged[/bold red] at step {err.step} (epoch {err.epoch}): {err.reason}")
+        return math.inf if cfg.callbacks.mode == "min" else -math.inf
+    except BaseException as err:
+        # Lightning turns Ctrl-C into SystemExit(1) and SIGTERM into SIGTERMException: all are interruptions
+        if interruption.signum is not None or isinstance(err, (RunInterrupted, SIGTERMException, KeyboardInterrupt)):
+            summary["status"] = "interrupted"
+            _stopped(summary, tracker, trainer, started, run_dir)
+            signum = interruption.signum or getattr(err, "signum", None) or 15
+            raise RunInterrupted(signum, run_dir.path) from None
         summary.update(status="failed", error=f"{type(err).__name__}: {err}")
-        summary.setdefault("best_value", tracker.best_value)
-        summary.setdefault("best_epoch", tracker.best_epoch)
-        summary.setdefault("epochs", trainer.current_epoch)
-        _finish(summary, trainer, started, run_dir, {})
+        _stopped(summary, tracker, trainer, started, run_dir)
+        if isinstance(err, MisconfigurationException):  # e.g. a monitor that no metric has this name
+            raise UserError(str(err), "Check the callbacks and trainer settings named above.",
+                            title="Invalid training setup") from err
         raise
     metrics = {**fitted, **(tested[0] if tested else {})}
     _finish(summary, trainer, started, run_dir, metrics)
@@ -116,8 +140,80 @@ def run_experiment(cfg: DictConfig) -> float | None:
     return summary["best_value"]
 
 
+def build_trainer(
+    cfg: DictConfig, run_dir: RunDir, choices: dict[str, Any], extra_callbacks: Sequence[pl.Callback] = ()
+) -> tuple[pl.Trainer, MonitorTracker, Interruption]:
+    """Lightning's Trainer from the trainer and hardware groups, with dlrun's callbacks and loggers.
+    The benchmarks build the same trainer (plus a timer) to measure what `dlrun` runs."""
+    validating = cfg.trainer.limit_val_batches != 0
+    callbacks, tracker = build_callbacks(cfg.callbacks, run_dir, validating)
+    interruption = Interruption()
+    callbacks += [interruption, FirstStepClock(), *extra_callbacks]
+    try:
+        trainer = pl.Trainer(
+            **OmegaConf.to_container(cfg.trainer, resolve=True),
+            **OmegaConf.to_container(cfg.hardware, resolve=True),
+            logger=build_loggers(cfg.logger, run_dir.path) or False,
+            callbacks=callbacks,
+            default_root_dir=str(run_dir.path),
+            enable_model_summary=False,  # the callbacks group adds a rich one
+            enable_progress_bar=any(type(c).__name__ == "RichProgressBar" for c in callbacks),
+        )
+    except MisconfigurationException as err:  # hardware=gpu without a GPU, 16-mixed on a CPU, ...
+        raise UserError(
+            f"hardware={choices.get('hardware')} cannot run on this machine: {err}",
+            "hardware=cpu runs anywhere; hardware=auto takes the best device this machine has.",
+            title="Hardware not available",
+        ) from err
+    return trainer, tracker, interruption
+
+
+def build_experiment(cfg: DictConfig, choices: dict[str, Any]) -> tuple[InMemoryDataModule, DataSpec, Experiment]:
+    """data -> spec -> network -> LightningModule: the spec decides how the network is shaped, or that it
+    cannot be built. dlrun-eval rebuilds a trained run with this same function, so its weights fit."""
+    datamodule: InMemoryDataModule = instantiate(cfg.dataset, seed=cfg.seed, name=choices.get("dataset"))
+    spec = datamodule.prepare()
+    regularizers: list[Regularizer] = [instantiate(r) for r in cfg.regularizer.values() if r is not None]
+    model_overrides: dict[str, Any] = {}
+    task_overrides: dict[str, Any] = {}  # the loss's knobs, e.g. label_smoothing
+    for reg in regularizers:
+        if reg.model_knobs:
+            require_knobs(cfg.model, choices.get("model", "?"), reg.model_knobs, reg.name)
+        model_overrides.update(reg.model_overrides())
+        task_overrides.update(reg.task_overrides())
+    network = build_network(cfg.model, spec, choices.get("model", "?"), model_overrides)
+    module = Experiment(network, make_task(spec, **task_overrides), cfg.optim, cfg.scheduler, regularizers, cfg.callbacks.monitor)
+    return datamodule, spec, module
+
+
+def _resume_checkpoint(run_dir: RunDir, module: Experiment) -> tuple[str, int] | None:
+    """(path, epoch) of the run's last checkpoint, checked against the model; None: start from scratch."""
+    path = run_dir.checkpoint("last")
+    if not path.exists():
+        if is_rank_zero():
+            console.print("[yellow]no last checkpoint[/yellow] (callbacks.checkpoint.save_last=false, or the run "
+                          "stopped before its first epoch): starting over")
+        return None
+    checkpoint = load_checkpoint(path, module.state_dict())
+    if is_rank_zero():
+        console.print(f"resuming from {path} (epoch {checkpoint.get('epoch', 0)})")
+    return str(path), int(checkpoint.get("epoch", 0))
+
+
+def _stopped(summary, tracker, trainer, started, run_dir: RunDir) -> None:
+    """Write summary.json for a run that did not complete, with what it had reached."""
+    summary.setdefault("best_value", tracker.best_value)
+    summary.setdefault("best_epoch", tracker.best_epoch)
+    summary.setdefault("epochs", trainer.current_epoch)
+    fitted = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.startswith("test/")}
+    _finish(summary, trainer, started, run_dir, fitted)
+
+
 def _finish(summary, trainer, started, run_dir: RunDir, metrics: dict[str, float]) -> None:
     """Complete and write summary.json (rank 0 only)."""
+    clock = next((c for c in trainer.callbacks if isinstance(c, FirstStepClock)), None)
+    if clock is not None and clock.first_step_at is not None:  # imports, data and model building
+        summary["startup_seconds"] = round(clock.first_step_at - IMPORTED_AT, 3)
     summary.update(
         global_step=trainer.global_step,
         metrics={k: metrics[k] for k in sorted(metrics)},
@@ -132,6 +228,7 @@ def _finish(summary, trainer, started, run_dir: RunDir, metrics: dict[str, float
     )
     if trainer.is_global_zero:
         run_dir.write_summary(summary)
+        finalize_loggers(trainer.loggers, summary)  # W&B: the summary, then finish (exit code by status)
 
 
 def _now() -> str:

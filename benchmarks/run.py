@@ -1,0 +1,285 @@
+"""How close dlrun comes to a plain PyTorch loop, and how fast it starts.
+
+    python benchmarks/run.py                 # full: ~30k samples per workload, 3 repeats
+    python benchmarks/run.py --quick         # a few minutes on a 2-core machine
+    python benchmarks/run.py --json out.json
+
+Throughput (training samples per second, steady state) for three ways of running the same work:
+the same network (built by dlrun's model classes), optimizer (Adam, lr 1e-3), batch size and data
+(scikit-learn's digits repeated to the requested size):
+
+  plain      a hand-written loop over in-memory batches: the floor for overhead
+  dlrun      dlrun's own pieces (config -> data module -> Experiment -> Trainer), as `dlrun` runs them
+  lightning  Lightning with a DataLoader over a TensorDataset and per-step logging (what templates do)
+
+Each repeat trains `epochs` epochs; the first is warm-up and is dropped, and only the training steps
+are timed (validation excluded). Variants run in turns within one invocation; the table reports the
+median over repeats. Start-up rows are wall times of whole commands, medians of 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader, TensorDataset
+
+from dlrun.data.datamodule import Arrays
+from dlrun.data.tabular import Digits
+
+WORKLOADS = {"mlp": ["model=mlp"], "cnn": ["model=cnn"], "lstm": ["model=lstm"]}
+BATCH_SIZE = 64
+
+
+class RepeatedDigits(Digits):
+    """Digits tiled to `n_samples` rows (then split as usual): enough steps for a stable throughput."""
+
+    def __init__(self, n_samples: int = 30_000, **kwargs):
+        super().__init__(**kwargs)
+        self.n_samples = n_samples
+
+    def load(self) -> Arrays:
+        base = super().load()
+        reps = -(-self.n_samples // len(base.x))
+        return Arrays(np.tile(base.x, (reps, 1, 1, 1))[: self.n_samples], np.tile(base.y, reps)[: self.n_samples],
+                      class_names=base.class_names)
+
+
+class StepTimer(pl.Callback):
+    """Seconds from the first training batch's start to the last one's end, per epoch (validation excluded)."""
+
+    def __init__(self):
+        self.epochs: list[tuple[float, int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self._start, self._samples = time.perf_counter(), 0
+        self._samples += len(batch[0])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._end = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.epochs.append((self._end - self._start, self._samples))
+
+
+def steady_throughput(epochs: list[tuple[float, int]]) -> float:
+    """Samples per second over the epochs after the first (warm-up)."""
+    timed = epochs[1:] or epochs
+    return sum(n for _, n in timed) / sum(t for t, _ in timed)
+
+
+def compose_cfg(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="dlrun.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def build(workload: str, n_samples: int, epochs: int):
+    """The dlrun config, data module and Experiment for one workload, exactly as `dlrun` builds them."""
+    from dlrun.run import build_experiment
+
+    cfg = compose_cfg([
+        *WORKLOADS[workload],
+        f"dataset._target_={RepeatedDigits.__module__}.RepeatedDigits",
+        f"+dataset.n_samples={n_samples}",
+        f"dataset.batch_size={BATCH_SIZE}",
+        f"trainer.max_epochs={epochs}",
+        "callbacks.early_stopping.enabled=false",
+        "callbacks.progress_bar=false",
+        "callbacks.model_summary=false",
+        "print_config=false",
+    ])
+    choices = {"dataset": "digits", "model": workload}
+    pl.seed_everything(0, verbose=False)
+    datamodule, spec, module = build_experiment(cfg, choices)
+    return cfg, datamodule, module
+
+
+def run_plain(workload: str, n_samples: int, epochs: int) -> float:
+    """(a) forward, loss, backward, step over index batches of in-memory tensors."""
+    _, datamodule, module = build(workload, n_samples, epochs)
+    network = module.network
+    x, y = datamodule.splits["train"]
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
+    network.train()
+    timings = []
+    for epoch in range(epochs):
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+        start, seen = time.perf_counter(), 0
+        for i in range(0, len(order), BATCH_SIZE):
+            index = order[i : i + BATCH_SIZE]
+            loss = F.cross_entropy(network(x[index]), y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(index)
+        timings.append((time.perf_counter() - start, seen))
+    return steady_throughput(timings)
+
+
+def run_dlrun(workload: str, n_samples: int, epochs: int) -> float:
+    """(b) dlrun's data module, Experiment and Trainer settings, with a timer added."""
+    from dlrun.run import build_trainer
+    from dlrun.rundir import RunDir
+
+    cfg, datamodule, module = build(workload, n_samples, epochs)
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, _, _ = build_trainer(cfg, RunDir(tmp), {"hardware": "cpu"}, extra_callbacks=[timer])
+        trainer.fit(module, datamodule=datamodule)
+    return steady_throughput(timer.epochs)
+
+
+class TemplateModule(pl.LightningModule):
+    """What a typical template's LightningModule does: log the loss every step, accuracy via torchmetrics."""
+
+    def __init__(self, network: torch.nn.Module, num_classes: int):
+        super().__init__()
+        import torchmetrics
+
+        self.network = network
+        self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.network(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def run_lightning(workload: str, n_samples: int, epochs: int) -> float:
+    """(c) Lightning + DataLoader(TensorDataset, shuffle=True), default Trainer, no validation."""
+    _, datamodule, module = build(workload, n_samples, epochs)
+    x, y = datamodule.splits["train"]
+    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH_SIZE, shuffle=True)
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = pl.Trainer(
+            max_epochs=epochs, accelerator="cpu", devices=1, logger=pl.loggers.CSVLogger(tmp), callbacks=[timer],
+            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+            default_root_dir=tmp,
+        )
+        trainer.fit(TemplateModule(module.network, int(y.max()) + 1), train_dataloaders=loader)
+    return steady_throughput(timer.epochs)
+
+
+VARIANTS: dict[str, Callable[[str, int, int], float]] = {
+    "plain": run_plain,
+    "dlrun": run_dlrun,
+    "lightning": run_lightning,
+}
+
+
+def wall(cmd: list[str], repeats: int = 3) -> float:
+    """Median wall seconds of a command (its exit code is not checked: config errors exit 2 on purpose)."""
+    times = []
+    env = {**os.environ, "DLRUN_OUTPUT_DIR": tempfile.mkdtemp()}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run(cmd, capture_output=True, env=env, cwd=tempfile.gettempdir())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def startup() -> dict[str, float]:
+    dlrun = [sys.executable, "-m", "dlrun.cli"]
+    rows = {
+        "python -c 'import torch'": wall([sys.executable, "-c", "import torch"]),
+        "python -c 'import pytorch_lightning'": wall([sys.executable, "-c", "import pytorch_lightning"]),
+        "dlrun --help": wall([*dlrun, "--help"]),
+        "dlrun --cfg job": wall([*dlrun, "--cfg", "job"]),
+        "dlrun optim.lr=-1 (config error)": wall([*dlrun, "optim.lr=-1"]),
+    }
+    # time to the first training step, as dlrun itself records it in summary.json
+    firsts = []
+    for _ in range(3):
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {**os.environ, "DLRUN_OUTPUT_DIR": tmp}
+            subprocess.run([*dlrun, "debug=fast", "print_config=false"], capture_output=True, env=env, cwd=tmp,
+                           check=True)
+            (summary,) = Path(tmp).glob("runs/*/*/summary.json")
+            firsts.append(json.loads(summary.read_text())["startup_seconds"])
+    rows["dlrun: process start to first training step"] = statistics.median(firsts)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples: a few minutes on 2 cores")
+    parser.add_argument("--json", type=Path, help="also write the numbers to this file")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    args = parser.parse_args(argv)
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # the table is the output
+    n_samples, epochs = (8_000, 3) if args.quick else (30_000, 3)
+
+    results: dict[str, dict[str, float]] = {}
+    for workload in args.workloads:
+        samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for _ in range(args.repeats):  # in turns, so that machine noise hits every variant alike
+            for name, fn in VARIANTS.items():
+                samples[name].append(fn(workload, n_samples, epochs))
+        med = {name: statistics.median(values) for name, values in samples.items()}
+        results[workload] = {
+            **{f"{name}_samples_per_s": value for name, value in med.items()},
+            "ratio_vs_plain": med["dlrun"] / med["plain"],
+            "ratio_vs_lightning": med["dlrun"] / med["lightning"],
+        }
+    start = startup()
+
+    console = Console()
+    table = Table(title=f"training throughput, samples/s (median of {args.repeats}; {n_samples} samples, batch {BATCH_SIZE})")
+    for col in ("workload", "plain loop", "dlrun", "lightning+DataLoader", "dlrun / plain", "dlrun / lightning"):
+        table.add_column(col, justify="right")
+    for workload, r in results.items():
+        table.add_row(workload, f"{r['plain_samples_per_s']:,.0f}", f"{r['dlrun_samples_per_s']:,.0f}",
+                      f"{r['lightning_samples_per_s']:,.0f}", f"{r['ratio_vs_plain']:.2f}",
+                      f"{r['ratio_vs_lightning']:.2f}")
+    console.print(table)
+    stable = Table(title="start-up, wall seconds (median of 3)")
+    stable.add_column("command")
+    stable.add_column("seconds", justify="right")
+    for name, seconds in start.items():
+        stable.add_row(name, f"{seconds:.2f}")
+    console.print(stable)
+
+    if args.json:
+        payload = {
+            "throughput": results,
+            "startup_seconds": start,
+            "settings": {"n_samples": n_samples, "epochs": epochs, "batch_size": BATCH_SIZE, "repeats": args.repeats},
+            "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "python": platform.python_version(), "torch": torch.__version__},
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -183,6 +183,13 @@ def build_experiment(cfg: DictConfig, choices: dict[str, Any]) -> tuple[InMemory
         task_overrides.update(reg.task_overrides())
     network = build_network(cfg.model, spec, choices.get("model", "?"), model_overrides)
     module = Experiment(network, make_task(spec, **task_overrides), cfg.optim, cfg.scheduler, regularizers, cfg.callbacks.monitor)
+    monitor = cfg.callbacks.monitor
+    if monitor not in module.logged_metric_names():
+        raise UserError(
+            f"callbacks.monitor = {monitor!r} is not a metric of dataset={spec.name} ({spec.task}); "
+            f"it logs {', '.join(sorted(module.logged_metric_names()))}.",
+            "e.g. callbacks.monitor=val/acc callbacks.mode=max",
+        )
     return datamodule, spec, module
 
 

@@ -121,6 +121,8 @@ def test_help_lists_groups_and_options(run_dlrun):
         (["trainer.max_epochs=0"], ["trainer.max_epochs", ">= 1"]),
         (["optim.lr=fast"], ["optim.lr", "'fast'"]),
         (["model=resnet", "dataset=adding"], ["resnet", "adding", "sequence", "(20, 2)"]),
+        (["callbacks.monitor=val/accuracy"], ["val/accuracy", "val/acc", "val/loss"]),
+        (["dataset=sine", "callbacks.monitor=val/acc"], ["val/acc", "regression", "val/r2"]),
     ],
 )
 def test_bad_input_exits_2_with_a_panel(run_dlrun, args, expected):

@@ -62,6 +62,11 @@ class Experiment(pl.LightningModule):
         self._sums: dict[str, dict[str, torch.Tensor]] = {stage: {} for stage in STAGES}
         self._epoch_lr = float("nan")
 
+    def logged_metric_names(self) -> set[str]:
+        """Every name this module can log: what callbacks.monitor may watch."""
+        per_stage = {f"{stage}/{name}" for stage in ("train", "val") for name in self.task.metric_names}
+        return per_stage | {f"train/{name}" for name in DIAGNOSTICS} | {"lr"}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
 

@@ -34,6 +34,9 @@ class Task:
         """Sums over the batch; `loss` is the batch's mean data loss (already computed)."""
         raise NotImplementedError
 
+    #: what `metrics` returns, known before training so that a misspelled monitor is refused early
+    metric_names: tuple[str, ...] = ("loss", "acc")
+
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         raise NotImplementedError
 
@@ -59,6 +62,8 @@ class Multiclass(Task):
 
 
 class PerStep(Multiclass):
+    metric_names = ("loss", "acc", "bpc", "ppl")
+
     """A language model's per-character targets: also bits per character and perplexity."""
 
     def metrics(self, sums):
@@ -89,6 +94,8 @@ class Binary(Task):
 
 
 class Regression(Task):
+    metric_names = ("loss", "mse", "mae", "r2")
+
     """Mean squared error; also MAE and R² (coefficient of determination)."""
 
     def loss(self, output, target, smooth=False):

@@ -54,13 +54,13 @@ class RunInterrupted(BaseException):
         return 128 + self.signum
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str | bytes) -> None:
     """Write `text` to `path` so that readers see the old content or the new, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes files private; results are meant to be shared
-        with os.fdopen(fd, "w") as handle:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -68,6 +68,15 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_summary_file(path: Path) -> dict[str, Any] | None:
+    """A summary.json's content, or None where it is missing or unreadable (a run killed before writing it)."""
+    try:
+        summary = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
 
 
 class RunDir:
@@ -123,19 +132,12 @@ class RunDir:
 
     def read_summary_if_any(self) -> dict[str, Any] | None:
         """summary.json, or None where the run was killed before writing one (or left it unreadable)."""
-        try:
-            summary = json.loads(self.summary_file.read_text())
-        except (OSError, ValueError):
-            return None
-        return summary if isinstance(summary, dict) else None
+        return read_summary_file(self.summary_file)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if summary.get("status") not in STATUSES:
             raise ValueError(f"unknown run status {summary.get('status')!r}")
         write_atomic(self.summary_file, json.dumps(summary, indent=2, sort_keys=False, default=str) + "\n")
-
-    def read_summary(self) -> dict[str, Any]:
-        return json.loads(self.summary_file.read_text())
 
     def write_text(self, name: str, text: str) -> None:
         write_atomic(self.path / name, text)

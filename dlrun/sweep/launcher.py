@@ -10,7 +10,6 @@ one this module writes with `status: failed` and the last lines of the job's out
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -22,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-from dlrun.rundir import RunDir
+from dlrun.rundir import RunDir, read_summary_file
 
 JOB_LOG = "job.log"  # the job process's stdout and stderr
 ERROR_LINES = 15  # lines of output kept as the error of a job that could not write its own summary
@@ -64,11 +63,8 @@ class _Running:
 
 def completed_summary(job_dir: Path) -> dict[str, Any] | None:
     """The job's summary when it completed earlier (resume skips it), else None."""
-    try:
-        summary = json.loads((job_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if summary.get("status") == "completed" else None
+    summary = read_summary_file(job_dir / "summary.json")
+    return summary if summary is not None and summary.get("status") == "completed" else None
 
 
 def set_aside(job_dir: Path) -> None:
@@ -204,10 +200,7 @@ def _collect(run: _Running) -> dict[str, Any]:
         "process_finished_at": _now(),
         "process_seconds": round(time.time() - run.started, 3),
     }
-    try:
-        summary = RunDir(job.job_dir).read_summary()
-    except (OSError, ValueError):
-        summary = None
+    summary = RunDir(job.job_dir).read_summary_if_any()
     if summary is not None and code == 0:
         summary["sweep_job"] = process
         RunDir(job.job_dir).write_summary(summary)

@@ -192,7 +192,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_ylabel(monitor or "best value")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{len(done)} of {len(rows)} jobs with a value")
-    fig.savefig(path, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
+    write_atomic(path, image.getvalue())  # like every result file: never half written
     return path
 
 

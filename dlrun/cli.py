@@ -17,6 +17,8 @@ from hydra.errors import (
     MissingConfigException,
     OverrideParseException,
 )
+from hydra._internal.hydra import Hydra
+from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
@@ -28,6 +30,20 @@ from dlrun.sweep.summary import end_of_sweeps
 
 # The user asked for full tracebacks (Hydra's own switch); read once, before dlrun sets it for itself.
 SHOW_TRACEBACK = os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def mode_from_command_line(hydra_app: Hydra, config_name: str | None, overrides: list[str]) -> RunMode | None:
+    """Hydra.get_mode, without composing the whole config. Hydra 1.3 composes it once only to read
+    `hydra.mode`, then again to run: a third of every command's start-up, config errors included.
+    dlrun's configs never set hydra.mode, so only the command line can (-m, or hydra.mode=...)."""
+    for override in reversed(overrides):
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") == "hydra.mode" and value in RunMode.__members__:
+            return RunMode[value]
+    return None
+
+
+Hydra.get_mode = mode_from_command_line
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

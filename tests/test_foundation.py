@@ -147,6 +147,21 @@ def test_config_errors_do_not_import_torch(tmp_path):
     assert "torch loaded: False" in proc.stdout
 
 
+@pytest.mark.parametrize("overrides", [[], ["experiment=lstm_digits"], ["sweep=tpe"],
+                                       ["hydra.mode=MULTIRUN"], ["hydra.mode=RUN", "debug=fast"]])
+def test_run_mode_read_off_the_command_line_is_hydras(overrides):
+    """dlrun skips the composition Hydra makes only to read hydra.mode: no config of dlrun's may set it."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from dlrun.cli import mode_from_command_line
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="dlrun.conf", version_base="1.3"):
+        composed = compose("config", overrides=overrides, return_hydra_config=True).hydra.mode
+    assert mode_from_command_line(None, "config", overrides) == composed
+
+
 def test_user_config_dir_through_search_path(run_dlrun, tmp_path):
     conf = tmp_path / "my_conf" / "model"
     conf.mkdir(parents=True)

@@ -14,7 +14,8 @@ the same network (built by dlrun's model classes), optimizer (Adam, lr 1e-3), ba
 
 Each repeat trains `epochs` epochs; the first is warm-up and is dropped, and only the training steps
 are timed (validation excluded). Variants run in turns within one invocation; the table reports the
-median over repeats. Start-up rows are wall times of whole commands, medians of 3.
+median over repeats. All three run with the same torch determinism setting (dlrun's
+trainer.deterministic, on by default). Start-up rows are wall times of whole commands, medians of 3.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ class StepTimer(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 0:
             self._start, self._samples = time.perf_counter(), 0
-        self._samples += len(batch[0])
+        grouped = isinstance(batch, list)  # dlrun hands training_step a list of (x, y) batches
+        self._samples += sum(len(x) for x, _ in batch) if grouped else len(batch[0])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._end = time.perf_counter()
@@ -116,9 +118,10 @@ def build(workload: str, n_samples: int, epochs: int):
 
 def run_plain(workload: str, n_samples: int, epochs: int) -> float:
     """(a) forward, loss, backward, step over index batches of in-memory tensors."""
-    _, datamodule, module = build(workload, n_samples, epochs)
+    cfg, datamodule, module = build(workload, n_samples, epochs)
     network = module.network
     x, y = datamodule.splits["train"]
+    torch.use_deterministic_algorithms(cfg.trainer.deterministic)  # as dlrun's Trainer sets it
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
     network.train()
     timings = []
@@ -144,7 +147,7 @@ def run_dlrun(workload: str, n_samples: int, epochs: int) -> float:
     cfg, datamodule, module = build(workload, n_samples, epochs)
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, _, _ = build_trainer(cfg, RunDir(tmp), {"hardware": "cpu"}, extra_callbacks=[timer])
+        trainer, _, _ = build_trainer(cfg, RunDir(tmp), {"hardware": "cpu"}, datamodule, extra_callbacks=[timer])
         trainer.fit(module, datamodule=datamodule)
     return steady_throughput(timer.epochs)
 
@@ -174,7 +177,7 @@ class TemplateModule(pl.LightningModule):
 
 def run_lightning(workload: str, n_samples: int, epochs: int) -> float:
     """(c) Lightning + DataLoader(TensorDataset, shuffle=True), default Trainer, no validation."""
-    _, datamodule, module = build(workload, n_samples, epochs)
+    cfg, datamodule, module = build(workload, n_samples, epochs)
     x, y = datamodule.splits["train"]
     loader = DataLoader(TensorDataset(x, y), batch_size=BATCH_SIZE, shuffle=True)
     timer = StepTimer()
@@ -182,7 +185,7 @@ def run_lightning(workload: str, n_samples: int, epochs: int) -> float:
         trainer = pl.Trainer(
             max_epochs=epochs, accelerator="cpu", devices=1, logger=pl.loggers.CSVLogger(tmp), callbacks=[timer],
             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-            default_root_dir=tmp,
+            default_root_dir=tmp, deterministic=cfg.trainer.deterministic,
         )
         trainer.fit(TemplateModule(module.network, int(y.max()) + 1), train_dataloaders=loader)
     return steady_throughput(timer.epochs)

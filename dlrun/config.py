@@ -257,6 +257,7 @@ RULES: dict[str, Rule] = {
     "trainer.max_epochs": positive_int(),
     "trainer.min_epochs": Rule("int", low=0),
     "trainer.deterministic": Rule("bool"),
+    # trainer.steps_per_execution (auto or a count >= 1) is checked in _cross_checks
     "trainer.log_every_n_steps": positive_int(),
     "trainer.num_sanity_val_steps": Rule("int", low=-1),
     # --- sweep (dlrun -m; the launcher checks its own hydra.launcher.* knobs) -----------------
@@ -318,6 +319,9 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
     lo, hi = tr.get("min_epochs"), tr.get("max_epochs")
     if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
         problems.append(f"trainer.min_epochs = {lo} exceeds trainer.max_epochs = {hi}")
+    steps = tr.get("steps_per_execution", "auto")
+    if steps != "auto" and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+        problems.append(f"trainer.steps_per_execution = {steps!r}: expected auto or an integer >= 1")
     opt = cfg.get("optim", {})
     if opt.get("eps") == 0 and not opt.get("initial_accumulator_value"):  # adagrad's delta may replace eps
         problems.append("optim.eps = 0: divides by zero wherever a gradient is 0; use optim.eps > 0")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -38,6 +39,17 @@ from dlrun.training.tasks import make_task
 
 log = logging.getLogger("dlrun")
 
+# lightning_fabric sets PYTORCH_NVML_BASED_CUDA_CHECK=1 when imported, so that asking whether CUDA exists does not
+# initialize it before a fork. With it set, torch.cuda.is_available() asks NVML afresh at every call, library load
+# included, and torch's Adam calls it at every step (Optimizer._accelerator_graph_capture_health_check): ~0.5 ms a
+# step on a CPU machine, a quarter of a small network's step. dlrun forks no CUDA user (in-memory batches without
+# DataLoader workers; DDP ranks are fresh processes), so it takes torch's own cached check.
+os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+
+# trainer.steps_per_execution=auto on one device: Lightning's per-step overhead (~1-3 ms on a CPU core)
+# paid once per 16 steps is a few percent of even the smallest network's step (see benchmarks/).
+AUTO_STEPS_PER_EXECUTION = 16
+
 # Lightning's advice that does not apply to in-memory batches and epoch-level logging.
 for _pattern in (
     r".*smaller than the logging interval.*",
@@ -46,6 +58,8 @@ for _pattern in (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
     r".*when logging on epoch level in distributed setting.*",  # Experiment reduces its sums itself
     r".*The `srun` command is available on your system but is not used.*",  # a local run on a SLURM login node
+    # counts steps against groups of batches; dlrun's checkpoints are taken at epoch starts anyway
+    r".*resuming from a checkpoint that ended before the epoch ended.*",
 ):
     warnings.filterwarnings("ignore", _pattern)
 
@@ -92,7 +106,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
     if resume_from:
         summary["resumed"] = [*(previous or {}).get("resumed", []), {"at": _now(), "epoch": resume_from[1]}]
 
-    trainer, tracker, interruption = build_trainer(cfg, run_dir, choices)
+    trainer, tracker, interruption = build_trainer(cfg, run_dir, choices, datamodule)
     # dataset.batch_size is per device; one optimizer step sees this many samples
     summary["global_batch_size"] = cfg.dataset.batch_size * trainer.world_size * trainer.accumulate_grad_batches
     if trainer.is_global_zero:
@@ -141,17 +155,26 @@ def run_experiment(cfg: DictConfig) -> float | None:
 
 
 def build_trainer(
-    cfg: DictConfig, run_dir: RunDir, choices: dict[str, Any], extra_callbacks: Sequence[pl.Callback] = ()
+    cfg: DictConfig,
+    run_dir: RunDir,
+    choices: dict[str, Any],
+    datamodule: InMemoryDataModule,
+    extra_callbacks: Sequence[pl.Callback] = (),
 ) -> tuple[pl.Trainer, MonitorTracker, Interruption]:
-    """Lightning's Trainer from the trainer and hardware groups, with dlrun's callbacks and loggers.
-    The benchmarks build the same trainer (plus a timer) to measure what `dlrun` runs."""
+    """Lightning's Trainer from the trainer and hardware groups, with dlrun's callbacks and loggers; the
+    data module learns how to group training batches. The benchmarks build the same trainer (plus a
+    timer) to measure what `dlrun` runs."""
     validating = cfg.trainer.limit_val_batches != 0
     callbacks, tracker = build_callbacks(cfg.callbacks, run_dir, validating)
     interruption = Interruption()
     callbacks += [interruption, FirstStepClock(), *extra_callbacks]
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    steps_per_execution = trainer_args.pop("steps_per_execution")
+    train_limit = trainer_args.pop("limit_train_batches")  # counted in batches by the data module
     try:
         trainer = pl.Trainer(
-            **OmegaConf.to_container(cfg.trainer, resolve=True),
+            **trainer_args,
+            limit_train_batches=train_limit if train_limit == 0 else 1.0,
             **OmegaConf.to_container(cfg.hardware, resolve=True),
             logger=build_loggers(cfg.logger, run_dir.path) or False,
             callbacks=callbacks,
@@ -165,7 +188,21 @@ def build_trainer(
             "hardware=cpu runs anywhere; hardware=auto takes the best device this machine has.",
             title="Hardware not available",
         ) from err
+    datamodule.group_training_batches(_steps_per_execution(steps_per_execution, trainer.world_size), train_limit)
     return trainer, tracker, interruption
+
+
+def _steps_per_execution(setting: int | str, world_size: int) -> int:
+    """Training batches per Lightning step. One under DDP: the gradient all-reduce is armed by the
+    wrapped module's forward, once per training_step call, so a second step in the call would not sync."""
+    if setting == "auto":
+        return AUTO_STEPS_PER_EXECUTION if world_size == 1 else 1
+    if setting > 1 and world_size > 1:
+        raise UserError(
+            f"trainer.steps_per_execution = {setting}: DDP ({world_size} processes) needs 1 step per execution",
+            "Leave it at auto (1 under DDP, more on one device).",
+        )
+    return setting
 
 
 def build_experiment(cfg: DictConfig, choices: dict[str, Any]) -> tuple[InMemoryDataModule, DataSpec, Experiment]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import tempfile
 
 import pytest
 import pytorch_lightning as pl
@@ -18,7 +19,8 @@ from dlrun.docs import group_options
 from dlrun.errors import UserError
 from dlrun.models.base import build_network
 from dlrun.models.mlp import MLP
-from dlrun.run import build_experiment
+from dlrun.run import build_experiment, build_trainer
+from dlrun.rundir import RunDir
 from dlrun.training import regularizers as R
 from dlrun.training.module import Experiment
 from dlrun.training.tasks import make_task
@@ -41,8 +43,14 @@ def batch(n: int = 16, spec: DataSpec = FLAT, seed: int = 0) -> tuple[torch.Tens
 
 def grads_of_training_step(module: Experiment, data) -> dict[str, torch.Tensor]:
     module.network.zero_grad()
-    module.training_step(data, 0).backward()
+    module.training_objective(*data)[0].backward()
     return {name: p.grad.clone() for name, p in module.network.named_parameters()}
+
+
+def totals(module: Experiment, stage: str = "train") -> dict[str, float]:
+    """The module's sums of the epoch so far (device sums and host counts)."""
+    module._flush(stage)
+    return {**{k: v.item() for k, v in module._sums[stage].items()}, **module._counts[stage]}
 
 
 # --- weight penalties -----------------------------------------------------------------------------------
@@ -77,10 +85,10 @@ def test_penalty_values_and_the_logged_penalty():
     assert R.L2(alpha=0.5).penalty(net).item() == pytest.approx(0.25 * l2, rel=1e-6)
     assert R.ElasticNet(l1=0.5, l2=0.5).penalty(net).item() == pytest.approx(0.5 * l1 + 0.25 * l2, rel=1e-6)
     module = experiment(net, [R.L1(alpha=0.5), R.L2(alpha=0.5)])
-    module.training_step(batch(), 0)
-    module.training_step(batch(seed=1), 0)
-    sums = module._sums["train"]
-    assert (sums["penalty"] / sums["penalized_steps"]).item() == pytest.approx(0.5 * l1 + 0.25 * l2, rel=1e-6)
+    module.training_objective(*batch())
+    module.training_objective(*batch(seed=1))
+    sums = totals(module)
+    assert sums["penalty"] / sums["penalized_steps"] == pytest.approx(0.5 * l1 + 0.25 * l2, rel=1e-6)
 
 
 # --- constraints on weights and gradients -----------------------------------------------------------------
@@ -129,7 +137,7 @@ def test_logged_grad_norm_is_the_norm_before_clipping():
     for p in net.parameters():
         p.grad = torch.full_like(p, 2.0)
     module.on_before_optimizer_step(None)
-    assert module._sums["train"]["grad_norm"].item() == pytest.approx(2.0 * math.sqrt(15), rel=1e-6)
+    assert totals(module)["grad_norm"] == pytest.approx(2.0 * math.sqrt(15), rel=1e-6)
     assert torch.sqrt(sum((p.grad**2).sum() for p in net.parameters())).item() == pytest.approx(0.1, rel=1e-5)
 
 
@@ -207,11 +215,11 @@ def test_label_smoothing_shapes_the_objective_but_not_the_logged_loss():
     net = MLP(FLAT, width=8, depth=1)
     data = batch()
     module = experiment(net, [R.LabelSmoothing(0.2)], **R.LabelSmoothing(0.2).task_overrides())
-    objective = module.training_step(data, 0)
-    logged = module._sums["train"]["loss"] / module._sums["train"]["count"]
+    objective, _ = module.training_objective(*data)
+    logged = totals(module)["loss"] / totals(module)["count"]
     out = net(data[0])
     assert objective.item() == pytest.approx(module.task.loss(out, data[1], smooth=True).item(), rel=1e-6)
-    assert logged.item() == pytest.approx(nn.functional.cross_entropy(out, data[1]).item(), rel=1e-6)
+    assert logged == pytest.approx(nn.functional.cross_entropy(out, data[1]).item(), rel=1e-6)
 
 
 def test_label_smoothing_is_refused_where_it_has_no_meaning():
@@ -323,22 +331,15 @@ def test_augment_affine_keeps_the_centre_and_changes_the_image():
 
 # --- in-process runs of the real pipeline (dlrun.run.build_experiment) -------------------------------------
 def fit(compose_cfg, *overrides: str) -> tuple[pl.Trainer, Experiment]:
-    """Compose, validate and build as `dlrun` does, then train on the CPU without writing files."""
-    cfg: DictConfig = compose_cfg(*overrides)
+    """Compose, validate and build as `dlrun` does, then train on the CPU (run files go to a temporary directory)."""
+    cfg: DictConfig = compose_cfg(*overrides, "callbacks.model_summary=false", "callbacks.progress_bar=false")
     validate(cfg)
     choices = {"model": "mlp", "dataset": "digits"}
     choices.update(o.split("=", 1) for o in overrides if o.split("=", 1)[0] in choices)
     datamodule, _, module = build_experiment(cfg, choices)
-    trainer = pl.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, datamodule=datamodule)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, _, _ = build_trainer(cfg, RunDir(tmp), choices, datamodule)
+        trainer.fit(module, datamodule=datamodule)
     return trainer, module
 
 

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dlrun.errors import UserError
-from dlrun.run import build_experiment
+from dlrun.run import build_experiment, build_trainer
 from dlrun.rundir import RunDir, RunInterrupted, load_checkpoint
 from dlrun.training.callbacks import Diverged, DivergenceGuard, Interruption, build_callbacks
 
@@ -67,20 +67,11 @@ class StopAt(pl.Callback):
             raise RunInterrupted(signal.SIGTERM)
 
 
-def _fit(cfg: DictConfig, run_dir: RunDir, stop: StopAt | None = None, resume: bool = False) -> dict:
+def _fit(cfg: DictConfig, run_dir: RunDir, stop: pl.Callback | None = None, resume: bool = False) -> dict:
     """The run flow of dlrun.run, in process: returns what summary.json would hold, or {} if stopped."""
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule, _, module = build_experiment(cfg, {"dataset": "digits", "model": "mlp"})
-    callbacks, tracker = build_callbacks(cfg.callbacks, run_dir, validating=True)
-    trainer = pl.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        **OmegaConf.to_container(cfg.hardware, resolve=True),
-        callbacks=[*callbacks, *([stop] if stop else [])],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(run_dir.path),
-    )
+    trainer, tracker, _ = build_trainer(cfg, run_dir, {}, datamodule, extra_callbacks=[stop] if stop else [])
     ckpt = str(run_dir.checkpoint("last")) if resume else None
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
@@ -92,6 +83,7 @@ def _fit(cfg: DictConfig, run_dir: RunDir, stop: StopAt | None = None, resume: b
         "best": (tracker.best_value, tracker.best_epoch),
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "weights": {k: v.clone() for k, v in module.state_dict().items()},
+        "direct_steps": module._direct_steps,
     }
 
 
@@ -107,6 +99,7 @@ def resume_cfg() -> DictConfig:
             "dataset.n_train=128", "dataset.batch_size=32", "model.width=32", "model.depth=1",
             "regularizer=dropout", "scheduler=step", "scheduler.step_size=1", "optim.lr=0.01",
             "trainer.max_epochs=5", "callbacks.early_stopping.patience=1", "callbacks.progress_bar=false",
+            "callbacks.model_summary=false", "trainer.steps_per_execution=1",
         ])
     return cfg
 
@@ -126,6 +119,43 @@ def test_resume_from_any_point_equals_uninterrupted(resume_cfg, uninterrupted, t
     assert _fit(resume_cfg, run_dir, stop=stop) == {}
     assert run_dir.checkpoint("last").is_file()
     resumed = _fit(resume_cfg, run_dir, resume=True)
+    _assert_same_run(resumed, uninterrupted)
+
+
+@pytest.mark.parametrize("steps", [3, 16])
+def test_grouped_steps_train_exactly_like_single_steps(resume_cfg, uninterrupted, tmp_path, steps):
+    """trainer.steps_per_execution changes only how often Lightning's loop runs, never the numbers;
+    here 4 batches an epoch come as groups of 3 and 1, or all 4 at once."""
+    grouped = OmegaConf.merge(resume_cfg, {"trainer": {"steps_per_execution": steps}})
+    _assert_same_run(_fit(grouped, RunDir(tmp_path)), uninterrupted)
+
+
+def test_resume_of_a_grouped_run_interrupted_mid_epoch(resume_cfg, uninterrupted, tmp_path):
+    grouped = OmegaConf.merge(resume_cfg, {"trainer": {"steps_per_execution": 3}})
+    run_dir = RunDir(tmp_path)
+    assert _fit(grouped, run_dir, stop=StopAt(7)) == {}  # after the first group of epoch 1
+    _assert_same_run(_fit(grouped, run_dir, resume=True), uninterrupted)
+
+
+class CountsBackwards(pl.Callback):
+    """A callback on a backward hook: Experiment then steps through Lightning's dispatch, which calls it."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def on_after_backward(self, trainer, pl_module):
+        self.calls += 1
+
+
+def test_direct_steps_train_exactly_like_lightnings_dispatch(resume_cfg, uninterrupted, tmp_path):
+    counter = CountsBackwards()
+    dispatched = _fit(resume_cfg, RunDir(tmp_path), stop=counter)
+    assert uninterrupted["direct_steps"] and not dispatched["direct_steps"]
+    assert counter.calls == uninterrupted["global_step"] > 0
+    _assert_same_run(dispatched, uninterrupted)
+
+
+def _assert_same_run(resumed: dict, uninterrupted: dict) -> None:
     assert resumed["epochs"] == uninterrupted["epochs"] and resumed["global_step"] == uninterrupted["global_step"]
     assert resumed["best"] == uninterrupted["best"]
     assert resumed["metrics"] == uninterrupted["metrics"]  # lr included: the schedule was restored

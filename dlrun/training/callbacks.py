@@ -86,8 +86,8 @@ class ResumeCheckpoint(Callback):
         # makes the checkpoint read "epoch N, no batch yet" (not "epoch N-1's batches all done",
         # which Lightning would restart by skipping epoch N).
         loop = trainer.fit_loop.epoch_loop
-        for progress in (loop.batch_progress, loop.scheduler_progress,
-                         loop.automatic_optimization.optim_progress, loop.val_loop.batch_progress):
+        for progress in (loop.batch_progress, loop.scheduler_progress, loop.automatic_optimization.optim_progress,
+                         loop.manual_optimization.optim_step_progress, loop.val_loop.batch_progress):
             progress.reset_on_run()
         loop.val_loop.batch_progress.total.reset()
         trainer.save_checkpoint(self.path)
@@ -179,34 +179,36 @@ class Diverged(Exception):
 class DivergenceGuard(Callback):
     """Stops training when a step's loss is NaN/inf or exceeds `factor` x the first step's loss.
 
-    The losses of the steps since the last check stay on the device (no host sync per step); they
-    are read every `check_every` steps and at the last batch of every epoch, before validation,
-    so a diverged run stops within the epoch it diverged in. By default that is every 50 steps on
-    an accelerator, and every step on the CPU, where reading costs nothing. The step reported is
-    the first bad one: the training batch counted from 0 over the whole run.
+    The training step returns its loss, or the losses of the steps it took (Experiment trains on a list
+    of batches per call). They stay on the device (no host sync per step) and are read every
+    `check_every` steps and at the last batch of every epoch, before validation, so a diverged run
+    stops within the epoch it diverged in. By default that is every 50 steps on an accelerator, and
+    at every training_step call on the CPU, where reading costs nothing. The step reported is the
+    first bad one, counted from 0 over the whole run (trainer.global_step before it).
     """
 
     def __init__(self, factor: float | None, check_every: int | None = None):
         self.factor = factor
         self.check_every = check_every
         self.initial_loss: float | None = None
-        self._pending: list[tuple[int, torch.Tensor]] = []
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (the first step's number, the losses from there)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if not isinstance(loss, torch.Tensor):
+        if not isinstance(loss, torch.Tensor) or loss.numel() == 0:
             return
-        loss = loss.detach()
+        losses = loss.detach().reshape(-1)
         if self.initial_loss is None:
-            self.initial_loss = float(loss)  # one host sync, once per run
-        self._pending.append((trainer.fit_loop.epoch_loop.total_batch_idx, loss))
-        every = self.check_every or (1 if loss.device.type == "cpu" else 50)
-        if len(self._pending) >= every or batch_idx + 1 >= trainer.num_training_batches:
+            self.initial_loss = float(losses[0])  # one host sync, once per run
+        self._pending.append((trainer.global_step - len(losses), losses))
+        every = self.check_every or (1 if losses.device.type == "cpu" else 50)
+        pending = sum(len(losses) for _, losses in self._pending)
+        if pending >= every or batch_idx + 1 >= trainer.num_training_batches:
             self._check(trainer)
 
     def _check(self, trainer: pl.Trainer) -> None:
-        steps = [step for step, _ in self._pending]
-        losses = torch.stack([loss.float() for _, loss in self._pending]).cpu()  # the sync
+        steps = [first + i for first, losses in self._pending for i in range(len(losses))]
+        losses = torch.cat([losses.float() for _, losses in self._pending]).cpu()  # the sync
         self._pending = []
         limit = self.factor * abs(self.initial_loss) if self.factor and self.initial_loss else math.inf
         bad = ~torch.isfinite(losses) | (losses.abs() > limit)

@@ -1,15 +1,23 @@
 """The one LightningModule: a network, a task, an optimizer, a schedule and the regularizers.
 
-A training step, in order; each regularizer hook runs for every selected regularizer, in list order
-(see regularizers.py):
+Lightning hands `training_step` a list of batches (`trainer.steps_per_execution` of them; the data
+module groups them) and the module trains on each in turn, with manual optimization: Lightning's
+per-batch machinery (hooks, progress, logging) costs a millisecond or more on a CPU, more than a small
+network's whole step, and is paid once per list. One training step, in order; each regularizer hook
+runs for every selected regularizer, in list order (see regularizers.py):
 
     transform_batch         augmentation, input noise (training batches only)
     forward                 with weight_perturbation (weight noise) when a regularizer asks for one
     loss                    data loss (label-smoothed when selected) + every penalty
-    backward                Lightning
-    on_before_optimizer_step  the gradient norm is recorded (before clipping), then grad_clip
-    optimizer step          Lightning; the schedule steps per epoch or per step (schedulers.py)
+    backward                Lightning's manual_backward (loss scaling under mixed precision, DDP hooks)
+    on_before_optimizer_step  the gradient norm is recorded (before clipping), then grad_clip; Lightning
+                            calls it from inside optimizer.step, after unscaling the gradients
+    optimizer step          the LightningOptimizer's: counts trainer.global_step, skips inf steps under AMP
     on_after_optimizer_step   max_norm
+    schedule                an interval=step schedule steps; epoch schedules step at the epoch's end
+
+With one process at plain precision, backward and step are made directly (`_direct_step`): the same
+calls, without Lightning's per-step dispatch.
 """
 
 from __future__ import annotations
@@ -18,7 +26,11 @@ from collections.abc import Sequence
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
+from pytorch_lightning.core.optimizer import LightningOptimizer
+from pytorch_lightning.plugins.precision import Precision
+from pytorch_lightning.strategies import SingleDeviceStrategy
 from torch.func import functional_call
 
 from dlrun.training.optimizers import build_optimizer
@@ -39,8 +51,8 @@ DIAGNOSTICS = {
 class Experiment(pl.LightningModule):
     """Trains `network` on `task`. Logs epoch metrics named `<stage>/<metric>` (train/loss, val/acc, ...).
 
-    Per-batch statistics stay on the device as running sums and are reduced (across DDP ranks too) once
-    per epoch: no `.item()` per step, which would stall a GPU pipeline.
+    Per-batch statistics stay on the device and are reduced (across DDP ranks too) once per epoch: no
+    `.item()` per step, which would stall a GPU pipeline. Counts known on the host stay on the host.
     """
 
     def __init__(
@@ -59,8 +71,16 @@ class Experiment(pl.LightningModule):
         self.scheduler_cfg = scheduler
         self.regularizers = list(regularizers)
         self.monitor = monitor
+        # Statistics of the stage's epoch so far: device tensors not yet summed (a step's, until the end of
+        # its training_step), their running device sums, and host counts.
+        self._pending: dict[str, dict[str, list[torch.Tensor]]] = {stage: {} for stage in STAGES}
         self._sums: dict[str, dict[str, torch.Tensor]] = {stage: {} for stage in STAGES}
+        self._counts: dict[str, dict[str, float]] = {stage: {} for stage in STAGES}
         self._epoch_lr = float("nan")
+        self._schedule: dict | None = None  # build_scheduler's: the scheduler, its interval and monitor
+        self.automatic_optimization = False  # training_step steps the optimizer: see the module docstring
+        self._direct_steps = False  # set by on_train_start
+        self._network_params = list(network.parameters())
 
     def logged_metric_names(self) -> set[str]:
         """Every name this module can log: what callbacks.monitor may watch."""
@@ -71,19 +91,74 @@ class Experiment(pl.LightningModule):
         return self.network(x)
 
     # --- steps ------------------------------------------------------------------------------------
-    def training_step(self, batch, batch_idx):
-        x, y = batch
+    def training_step(self, batches, batch_idx):
+        """Train on each (x, y) in `batches`; return the data losses, one per step, for DivergenceGuard."""
+        optimizer = self.optimizers()
+        step = self._direct_step if self._direct_steps else self._lightning_step
+        if self.trainer.max_steps >= 0:  # Lightning checks max_steps only between training_step calls
+            batches = batches[: max(self.trainer.max_steps - self.trainer.global_step, 0)]
+        losses = []
+        for x, y in batches:
+            objective, loss = self.training_objective(x, y)
+            optimizer.zero_grad()
+            step(objective, optimizer)
+            for reg in self.regularizers:
+                reg.on_after_optimizer_step(self.network)
+            if self._schedule is not None and self._schedule["interval"] == "step":
+                self._schedule["scheduler"].step()
+            losses.append(loss)
+        self._flush("train")
+        self._count_logged_steps(len(losses))
+        return torch.stack(losses) if losses else None
+
+    def training_objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What one training batch minimizes, and its data loss (detached), the one logged; the batch's
+        statistics are recorded."""
         for reg in self.regularizers:
             x, y = reg.transform_batch(x, y)
         output = self._training_forward(x)
         loss = self._score(output, y, "train")
+        objective = loss
         if self.task.label_smoothing:  # the objective uses the soft targets; the logged loss does not
-            loss = self.task.loss(output, y, smooth=True)
+            objective = self.task.loss(output, y, smooth=True)
         penalty = self._penalty()
-        if penalty is None:
-            return loss
-        self._accumulate("train", {"penalty": penalty, "penalized_steps": torch.ones((), device=loss.device)})
-        return loss + penalty
+        if penalty is not None:
+            self._accumulate("train", {"penalty": penalty, "penalized_steps": 1})
+            objective = objective + penalty
+        return objective, loss.detach()
+
+    def _lightning_step(self, objective: torch.Tensor, optimizer: LightningOptimizer) -> None:
+        """Backward and step through Lightning's strategy and precision plugin (loss scaling, DDP)."""
+        self.manual_backward(objective)
+        optimizer.step()  # calls on_before_optimizer_step, after unscaling
+
+    def _direct_step(self, objective: torch.Tensor, optimizer: LightningOptimizer) -> None:
+        """What _lightning_step does with one process at plain precision, minus Lightning's per-step
+        dispatch (strategy -> precision plugin -> closure -> hook loops: ~0.3 ms a step on a CPU core);
+        `on_train_start` checks that no callback listens to the hooks that dispatch would call."""
+        objective.backward()
+        optimizer._on_before_step()  # Lightning's own bookkeeping: trainer.global_step, the profiler
+        self.on_before_optimizer_step(optimizer)
+        optimizer.optimizer.step()
+        optimizer._on_after_step()
+
+    def on_train_start(self) -> None:
+        self._network_params = list(self.network.parameters())  # walking the module tree each step costs more
+        trainer = self.trainer
+        listened = any(
+            getattr(type(callback), hook) is not getattr(pl.Callback, hook)
+            for callback in trainer.callbacks
+            for hook in ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+        )
+        self._direct_steps = (
+            type(trainer.strategy) is SingleDeviceStrategy and type(trainer.precision_plugin) is Precision
+            and not listened
+        )
+
+    def _count_logged_steps(self, steps: int) -> None:
+        """Loggers label each row with Lightning's count of optimizer steps, which counts one per
+        training_step call; make it count the steps taken, so the x axis is the same whatever the grouping."""
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped += steps - 1
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -119,33 +194,45 @@ class Experiment(pl.LightningModule):
 
     # --- around the optimizer step ------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Gradients are final here (accumulated, all-reduced, unscaled under mixed precision)."""
-        grads = [p.grad for p in self.network.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-            self._accumulate("train", {"grad_norm": norm, "optimizer_steps": torch.ones((), device=norm.device)})
+        """Gradients are final here (all-reduced, unscaled under mixed precision)."""
+        grads = [p.grad for p in self._network_params if p.grad is not None]
+        if grads:  # the global L2 norm, as torch.nn.utils.get_total_norm computes it, at half its cost here
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            self._accumulate("train", {"grad_norm": norm, "optimizer_steps": 1})
         for reg in self.regularizers:
             reg.on_before_optimizer_step(self.network)
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        for reg in self.regularizers:
-            reg.on_after_optimizer_step(self.network)
-
     # --- epoch metrics ----------------------------------------------------------------------------
-    def _accumulate(self, stage: str, stats: dict[str, torch.Tensor]) -> None:
-        sums = self._sums[stage]
+    def _accumulate(self, stage: str, stats: dict[str, torch.Tensor | float]) -> None:
+        """Record a batch's statistics: tensors wait for `_flush`, plain numbers are summed at once."""
+        pending, counts = self._pending[stage], self._counts[stage]
         for key, value in stats.items():
-            # float64 keeps long sums exact; Apple's MPS has no float64, so it sums in float32
-            value = value.detach().to(torch.float32 if value.device.type == "mps" else torch.float64)
-            sums[key] = sums[key] + value if key in sums else value
+            if isinstance(value, torch.Tensor):
+                pending.setdefault(key, []).append(value.detach())
+            else:
+                counts[key] = counts.get(key, 0) + value
+
+    def _flush(self, stage: str) -> None:
+        """Add the pending tensors to the running sums: a few operations per key, not per batch."""
+        sums = self._sums[stage]
+        for key, values in self._pending[stage].items():
+            total = torch.stack(values).to(_sum_dtype(values[0].device)).sum(0)
+            sums[key] = sums[key] + total if key in sums else total
+        self._pending[stage] = {}
 
     def _epoch_metrics(self, stage: str) -> dict[str, float]:
-        sums, self._sums[stage] = self._sums[stage], {}
-        if not sums:
+        self._flush(stage)
+        sums, counts = self._sums[stage], self._counts[stage]
+        self._sums[stage], self._counts[stage] = {}, {}
+        if not sums and not counts:
             return {}
-        keys = sorted(sums)
-        stacked = torch.stack([sums[k] for k in keys])
+        keys = sorted(sums) + sorted(counts)
+        device = next(iter(sums.values())).device if sums else self.device
+        dtype = _sum_dtype(device)
+        stacked = torch.cat([
+            torch.stack([sums[k] for k in sorted(sums)]) if sums else torch.zeros(0, dtype=dtype, device=device),
+            torch.tensor([float(counts[k]) for k in sorted(counts)], dtype=dtype, device=device),
+        ])
         stacked = self.trainer.strategy.reduce(stacked, reduce_op="sum") if self.trainer.world_size > 1 else stacked
         totals = dict(zip(keys, stacked.tolist(), strict=True))  # the one host sync per epoch
         metrics = self.task.metrics(totals)
@@ -165,11 +252,13 @@ class Experiment(pl.LightningModule):
         self._epoch_lr = self.optimizers().param_groups[0]["lr"]
 
     def on_train_epoch_end(self) -> None:
-        if self._sums["train"]:  # some training step ran this epoch
+        if self._counts["train"]:  # some training step ran this epoch
             self._accumulate("train", sparsity_counts(self.network))
         metrics = self._epoch_metrics("train")
         metrics["lr"] = self._epoch_lr  # the rate the epoch trained with (its first step's, interval=step)
         self.log_dict(metrics, on_epoch=True, sync_dist=False)
+        if self._schedule is not None and self._schedule["interval"] == "epoch":
+            self._step_epoch_schedule(metrics)
 
     def on_validation_epoch_end(self) -> None:
         self._log_stage("val")
@@ -180,7 +269,28 @@ class Experiment(pl.LightningModule):
     # --- optimization -----------------------------------------------------------------------------
     def configure_optimizers(self):
         optimizer = build_optimizer(self.optim_cfg, self.network.parameters())
-        schedule = build_scheduler(self.scheduler_cfg, optimizer, self.monitor)
-        if schedule is None:
+        self._schedule = build_scheduler(self.scheduler_cfg, optimizer, self.monitor)
+        if self._schedule is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": schedule}
+        # Lightning keeps the schedule's state in checkpoints; dlrun steps it (manual optimization)
+        return {"optimizer": optimizer, "lr_scheduler": self._schedule["scheduler"]}
+
+    def _step_epoch_schedule(self, train_metrics: dict[str, float]) -> None:
+        """After the epoch's validation; a plateau schedule reads the monitored metric, as Lightning's would."""
+        scheduler = self._schedule["scheduler"]
+        if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step()
+            return
+        monitor = self._schedule["monitor"]
+        value = train_metrics.get(monitor, self.trainer.callback_metrics.get(monitor))
+        if value is None:
+            raise MisconfigurationException(
+                f"scheduler=plateau watches {monitor!r}, which was not logged this epoch "
+                f"(logged: {', '.join(sorted(self.trainer.callback_metrics))})"
+            )
+        scheduler.step(float(value))
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """float64 keeps long sums exact; Apple's MPS has no float64, so it sums in float32."""
+    return torch.float32 if device.type == "mps" else torch.float64

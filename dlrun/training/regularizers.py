@@ -34,16 +34,13 @@ def penalized_weights(network: nn.Module) -> list[torch.Tensor]:
     return [p for p in network.parameters() if p.requires_grad and p.dim() > 1]
 
 
-def sparsity_counts(network: nn.Module) -> dict[str, torch.Tensor]:
-    """How many penalized weights are near zero (|w| < NEAR_ZERO), and how many there are, as device sums."""
+def sparsity_counts(network: nn.Module) -> dict[str, torch.Tensor | int]:
+    """How many penalized weights are near zero (|w| < NEAR_ZERO, a device sum), and how many there are."""
     weights = penalized_weights(network)
     if not weights:
         return {}
     near_zero = torch.stack([(w.detach().abs() < NEAR_ZERO).sum() for w in weights]).sum()
-    return {
-        "near_zero": near_zero,
-        "weights": torch.tensor(sum(w.numel() for w in weights), device=near_zero.device),
-    }
+    return {"near_zero": near_zero, "weights": sum(w.numel() for w in weights)}
 
 
 class Regularizer:

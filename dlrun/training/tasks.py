@@ -30,8 +30,9 @@ class Task:
         """The batch's mean loss; against the smoothed targets when `smooth` (the training objective)."""
         raise NotImplementedError
 
-    def stats(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Sums over the batch; `loss` is the batch's mean data loss (already computed)."""
+    def stats(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> dict[str, torch.Tensor | int]:
+        """Sums over the batch, as device tensors (counts known on the host as ints); `loss` is the batch's
+        mean data loss (already computed)."""
         raise NotImplementedError
 
     #: what `metrics` returns, known before training so that a misspelled monitor is refused early
@@ -54,7 +55,7 @@ class Multiclass(Task):
     def stats(self, output, target, loss):
         n = target.numel()
         correct = (output.argmax(dim=-1) == target).sum()
-        return {"loss": loss.detach() * n, "correct": correct, "count": torch.tensor(n, device=output.device)}
+        return {"loss": loss.detach() * n, "correct": correct, "count": n}
 
     def metrics(self, sums):
         count = max(sums["count"], 1.0)
@@ -86,7 +87,7 @@ class Binary(Task):
         target = target.reshape(output.shape)
         n = target.numel()
         correct = ((output > 0).to(target.dtype) == target).sum()
-        return {"loss": loss.detach() * n, "correct": correct, "count": torch.tensor(n, device=output.device)}
+        return {"loss": loss.detach() * n, "correct": correct, "count": n}
 
     def metrics(self, sums):
         count = max(sums["count"], 1.0)
@@ -109,7 +110,7 @@ class Regression(Task):
             "sae": err.abs().sum(),
             "sum_y": target.sum(),
             "sum_y2": (target * target).sum(),
-            "count": torch.tensor(target.numel(), device=output.device),
+            "count": target.numel(),
         }
 
     def metrics(self, sums):

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import hydra
 import yaml
+from hydra._internal.hydra import Hydra
 from hydra.errors import (
     ConfigCompositionException,
     HydraException,
     MissingConfigException,
     OverrideParseException,
 )
-from hydra._internal.hydra import Hydra
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException

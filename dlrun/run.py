@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from dlrun import IMPORTED_AT, __version__
@@ -180,7 +181,7 @@ def build_trainer(
             callbacks=callbacks,
             default_root_dir=str(run_dir.path),
             enable_model_summary=False,  # the callbacks group adds a rich one
-            enable_progress_bar=any(type(c).__name__ == "RichProgressBar" for c in callbacks),
+            enable_progress_bar=any(isinstance(c, RichProgressBar) for c in callbacks),
         )
     except MisconfigurationException as err:  # hardware=gpu without a GPU, 16-mixed on a CPU, ...
         raise UserError(

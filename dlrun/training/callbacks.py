@@ -27,6 +27,7 @@ from pytorch_lightning.callbacks import (
     RichProgressBar,
 )
 
+from dlrun.data.datamodule import IndexBatches
 from dlrun.rundir import RunDir, RunInterrupted
 
 log = logging.getLogger("dlrun")
@@ -245,6 +246,24 @@ class FirstStepClock(Callback):
             self.first_step_at = time.time()
 
 
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, counting training steps (batches), not training_step calls: each call
+    trains on `trainer.steps_per_execution` batches (see Experiment)."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        batches = self.trainer.train_dataloader
+        return batches.n_batches() if isinstance(batches, IndexBatches) else super().total_train_batches
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start_step = trainer.global_step
+        super().on_train_epoch_start(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        steps_done = trainer.global_step - self._epoch_start_step
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, steps_done - 1)
+
+
 def build_callbacks(cfg: DictConfig, run_dir: RunDir, validating: bool) -> tuple[list[Callback], MonitorTracker]:
     """The configured callbacks, plus the tracker that summary.json reads.
 
@@ -290,7 +309,7 @@ def build_callbacks(cfg: DictConfig, run_dir: RunDir, validating: bool) -> tuple
     if cfg.model_summary:
         callbacks.append(RichModelSummary(max_depth=1))
     if show_progress_bar(cfg.progress_bar):
-        callbacks.append(RichProgressBar(leave=False))
+        callbacks.append(StepProgressBar(leave=False))
     return callbacks, tracker
 
 

@@ -1,6 +1,6 @@
 """How close dlrun comes to a plain PyTorch loop, and how fast it starts.
 
-    python benchmarks/run.py                 # full: ~30k samples per workload, 3 repeats
+    python benchmarks/run.py                 # full: ~30k samples per workload, 5 repeats
     python benchmarks/run.py --quick         # a few minutes on a 2-core machine
     python benchmarks/run.py --json out.json
 
@@ -73,7 +73,7 @@ class StepTimer(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 0:
             self._start, self._samples = time.perf_counter(), 0
-        grouped = isinstance(batch, list)  # dlrun hands training_step a list of (x, y) batches
+        grouped = isinstance(batch[0], tuple)  # dlrun hands training_step a list of (x, y) batches
         self._samples += sum(len(x) for x, _ in batch) if grouped else len(batch[0])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -235,26 +235,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples: a few minutes on 2 cores")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--samples", type=int, help="samples per workload (default 30,000; 8,000 with --quick)")
+    parser.add_argument("--no-startup", action="store_true", help="skip the start-up timings")
     args = parser.parse_args(argv)
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)  # the table is the output
-    n_samples, epochs = (8_000, 3) if args.quick else (30_000, 3)
+    n_samples, epochs = args.samples or (8_000 if args.quick else 30_000), 3
 
     results: dict[str, dict[str, float]] = {}
     for workload in args.workloads:
         samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
-        for _ in range(args.repeats):  # in turns, so that machine noise hits every variant alike
-            for name, fn in VARIANTS.items():
-                samples[name].append(fn(workload, n_samples, epochs))
+        names = list(VARIANTS)
+        for repeat in range(args.repeats):  # in turns, each repeat starting with the next variant, so that
+            for name in names[repeat % len(names):] + names[: repeat % len(names)]:  # noise hits all alike
+                samples[name].append(VARIANTS[name](workload, n_samples, epochs))
         med = {name: statistics.median(values) for name, values in samples.items()}
         results[workload] = {
             **{f"{name}_samples_per_s": value for name, value in med.items()},
             "ratio_vs_plain": med["dlrun"] / med["plain"],
             "ratio_vs_lightning": med["dlrun"] / med["lightning"],
+            "repeats_samples_per_s": {name: [round(v) for v in values] for name, values in samples.items()},
         }
-    start = startup()
+    start = {} if args.no_startup else startup()
 
     console = Console()
     table = Table(title=f"training throughput, samples/s (median of {args.repeats}; {n_samples} samples, batch {BATCH_SIZE})")
@@ -265,12 +269,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['lightning_samples_per_s']:,.0f}", f"{r['ratio_vs_plain']:.2f}",
                       f"{r['ratio_vs_lightning']:.2f}")
     console.print(table)
-    stable = Table(title="start-up, wall seconds (median of 3)")
-    stable.add_column("command")
-    stable.add_column("seconds", justify="right")
-    for name, seconds in start.items():
-        stable.add_row(name, f"{seconds:.2f}")
-    console.print(stable)
+    if start:
+        stable = Table(title="start-up, wall seconds (median of 3)")
+        stable.add_column("command")
+        stable.add_column("seconds", justify="right")
+        for name, seconds in start.items():
+            stable.add_row(name, f"{seconds:.2f}")
+        console.print(stable)
 
     if args.json:
         payload = {

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from dlrun.errors import UserError
 from dlrun.run import build_experiment, build_trainer
 from dlrun.rundir import RunDir, RunInterrupted, load_checkpoint
-from dlrun.training.callbacks import Diverged, DivergenceGuard, Interruption, build_callbacks
+from dlrun.training.callbacks import Diverged, DivergenceGuard
 
 DLRUN = [sys.executable, "-m", "dlrun.cli"]
 DLRUN_EVAL = [sys.executable, "-m", "dlrun.evaluate"]
@@ -183,26 +183,26 @@ def _assert_same_run(resumed: dict, uninterrupted: dict) -> None:
         assert torch.equal(resumed["weights"][name], tensor), name
 
 
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1], ids=["SIGINT", "SIGTERM", "SIGUSR1"])
-def test_signals_stop_at_the_next_batch(resume_cfg, tmp_path, signum):
-    """The handler only records the signal; the run stops cleanly at the batch's end."""
-
-    class Kill(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 6:
-                os.kill(os.getpid(), signum)
-
+def test_signals_stop_at_the_next_batch(resume_cfg, tmp_path, signum, steps_per_execution):
+    """The handler only records the signal; the run stops cleanly at the batch's end, within a group of batches
+    too (4 batches an epoch in groups of 3 and 1: the signal arrives in step 5, the middle of a group)."""
+    grouped = OmegaConf.merge(resume_cfg, {"trainer": {"steps_per_execution": steps_per_execution}})
     pl.seed_everything(0, verbose=False)
-    datamodule, _, module = build_experiment(resume_cfg, {})
-    interruption = Interruption()
-    callbacks, _ = build_callbacks(resume_cfg.callbacks, RunDir(tmp_path), validating=True)
-    trainer = pl.Trainer(max_epochs=5, callbacks=[*callbacks, interruption, Kill()], logger=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    datamodule, _, module = build_experiment(grouped, {})
+    trainer, _, interruption = build_trainer(grouped, RunDir(tmp_path), {}, datamodule)
+
+    def kill_during_step_5(network, inputs):
+        if trainer.training and trainer.global_step == 5:
+            os.kill(os.getpid(), signum)
+
+    module.network.register_forward_pre_hook(kill_during_step_5)
     before = signal.getsignal(signum)
     with pytest.raises(RunInterrupted) as caught, interruption.catching():
         trainer.fit(module, datamodule=datamodule)
     assert caught.value.signum == signum and caught.value.exit_code == 128 + signum
-    assert trainer.global_step == 7  # the batch in progress finished, no other began
+    assert trainer.global_step == 6  # the step in progress finished, no other began
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
     assert signal.getsignal(signum) == before
 

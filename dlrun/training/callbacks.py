@@ -122,7 +122,8 @@ class Interruption(Callback):
     """Turns Ctrl-C, SIGTERM and SIGUSR1 (SLURM's warning before preemption) into a clean stop.
 
     The handler only records the signal; the run stops at the next batch boundary by raising
-    RunInterrupted, so no step or file write is cut in half. A second Ctrl-C stops at once. Under
+    RunInterrupted (Experiment cuts its group of batches short for it), so no step or file write is
+    cut in half. A second Ctrl-C stops at once. Under
     DDP the ranks agree on stopping (one boolean all-reduce per training batch), because a rank
     that left alone would hang the others' gradient all-reduce.
     """

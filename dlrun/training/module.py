@@ -33,6 +33,7 @@ from pytorch_lightning.plugins.precision import Precision
 from pytorch_lightning.strategies import SingleDeviceStrategy
 from torch.func import functional_call
 
+from dlrun.training.callbacks import Interruption
 from dlrun.training.optimizers import build_optimizer
 from dlrun.training.regularizers import Regularizer, sparsity_counts
 from dlrun.training.schedulers import build_scheduler
@@ -80,6 +81,7 @@ class Experiment(pl.LightningModule):
         self._schedule: dict | None = None  # build_scheduler's: the scheduler, its interval and monitor
         self.automatic_optimization = False  # training_step steps the optimizer: see the module docstring
         self._direct_steps = False  # set by on_train_start
+        self._interruption: Interruption | None = None  # set by on_train_start
         self._network_params = list(network.parameters())
 
     def logged_metric_names(self) -> set[str]:
@@ -99,6 +101,8 @@ class Experiment(pl.LightningModule):
             batches = batches[: max(self.trainer.max_steps - self.trainer.global_step, 0)]
         losses = []
         for x, y in batches:
+            if losses and self._interruption is not None and self._interruption.signum is not None:
+                break  # a signal: Interruption stops the run after this call; the rest of the group waits
             objective, loss = self.training_objective(x, y)
             optimizer.zero_grad()
             step(objective, optimizer)
@@ -154,6 +158,9 @@ class Experiment(pl.LightningModule):
             type(trainer.strategy) is SingleDeviceStrategy and type(trainer.precision_plugin) is Precision
             and not listened
         )
+        # With one process a signal ends the group early; DDP ranks stop together, at a call's end (Interruption)
+        single = trainer.world_size == 1
+        self._interruption = next((c for c in trainer.callbacks if isinstance(c, Interruption) and single), None)
 
     def _count_logged_steps(self, steps: int) -> None:
         """Loggers label each row with Lightning's count of optimizer steps, which counts one per

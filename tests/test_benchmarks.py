@@ -1,0 +1,30 @@
+"""The benchmark script (issue 10) runs and writes what it prints; its numbers are not judged here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_benchmark_prints_the_table_and_writes_the_same_numbers(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--samples", "2000", "--repeats", "1", "--workloads", "mlp",
+         "--no-startup", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    mlp = json.loads(out.read_text())["throughput"]["mlp"]
+    for variant in ("plain", "dlrun", "lightning"):
+        assert mlp[f"{variant}_samples_per_s"] > 0
+    assert mlp["ratio_vs_plain"] == pytest.approx(mlp["dlrun_samples_per_s"] / mlp["plain_samples_per_s"])
+    assert mlp["ratio_vs_lightning"] == pytest.approx(mlp["dlrun_samples_per_s"] / mlp["lightning_samples_per_s"])
+    assert "dlrun / plain" in proc.stdout and f"{mlp['plain_samples_per_s']:,.0f}" in proc.stdout

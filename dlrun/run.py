@@ -170,7 +170,7 @@ def build_trainer(
     interruption = Interruption()
     callbacks += [interruption, FirstStepClock(), *extra_callbacks]
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    steps_per_execution = trainer_args.pop("steps_per_execution")
+    steps_per_execution = trainer_args.pop("steps_per_execution", "auto")  # absent from older runs' configs
     train_limit = trainer_args.pop("limit_train_batches")  # counted in batches by the data module
     try:
         trainer = pl.Trainer(

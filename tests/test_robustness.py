@@ -90,18 +90,22 @@ def _fit(cfg: DictConfig, run_dir: RunDir, stop: pl.Callback | None = None, resu
 @pytest.fixture(scope="module")
 def resume_cfg() -> DictConfig:
     """Adam (moments), a step schedule, dropout (random state), early stopping: all must survive."""
+    return _small_run_cfg()
+
+
+def _small_run_cfg(*overrides: str) -> DictConfig:
+    """4 training batches an epoch, one per Lightning call unless overridden."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="dlrun.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[
+        return compose("config", overrides=[
             "dataset.n_train=128", "dataset.batch_size=32", "model.width=32", "model.depth=1",
             "regularizer=dropout", "scheduler=step", "scheduler.step_size=1", "optim.lr=0.01",
             "trainer.max_epochs=5", "callbacks.early_stopping.patience=1", "callbacks.progress_bar=false",
-            "callbacks.model_summary=false", "trainer.steps_per_execution=1",
+            "callbacks.model_summary=false", "trainer.steps_per_execution=1", *overrides,
         ])
-    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +132,18 @@ def test_grouped_steps_train_exactly_like_single_steps(resume_cfg, uninterrupted
     here 4 batches an epoch come as groups of 3 and 1, or all 4 at once."""
     grouped = OmegaConf.merge(resume_cfg, {"trainer": {"steps_per_execution": steps}})
     _assert_same_run(_fit(grouped, RunDir(tmp_path)), uninterrupted)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_loggers_count_optimizer_steps_whatever_the_grouping(tmp_path, steps):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _small_run_cfg("logger=[csv,tensorboard]", "trainer.max_epochs=2", f"trainer.steps_per_execution={steps}")
+    _fit(cfg, RunDir(tmp_path))
+    board = EventAccumulator(str(tmp_path / "tensorboard"))
+    board.Reload()
+    for key in ("train/loss", "val/loss"):  # each epoch's row at its last step (4 steps an epoch)
+        assert [event.step for event in board.Scalars(key)] == [3, 7], key
 
 
 def test_resume_of_a_grouped_run_interrupted_mid_epoch(resume_cfg, uninterrupted, tmp_path):

@@ -134,6 +134,8 @@ RULES: dict[str, Rule] = {
     "dataset.n_samples": Rule("int", low=10),  # enough for three non-empty splits
     "dataset.noise": non_negative(),
     "dataset.repeat": positive_int(),
+    "dataset.scale": Rule("float", low=0, high=1, low_open=True),
+    "dataset.optimum": Rule("floats", length=2),
     "dataset.factor": Rule("float", low=0, high=1, low_open=True, high_open=True),
     "dataset.arms": Rule("int", low=2),
     "dataset.turns": positive(),

@@ -139,3 +139,34 @@ class Sine(InMemoryDataModule):
         y = np.sin(2 * np.pi * x) + rng.normal(0.0, self.noise, size=self.n_samples)
         powers = np.stack([x**k for k in range(1, self.degree + 1)], axis=1)
         return Arrays(powers.astype(np.float32), y.astype(np.float32))
+
+
+class Ravine(InMemoryDataModule):
+    """The notes' ravine (004 §6.2.2) as a regression whose loss is the quadratic L(w) = (0.1 w1)² + w2².
+
+    The inputs are the four corners (±`scale`, ±1), each `repeat` times, and the targets y = w*·x (plus
+    Gaussian `noise`) with w* = `optimum`. Over the balanced corners the cross terms cancel, so a linear
+    model ŷ = w·x + b has the full-batch MSE (scale·(w1 − w1*))² + (w2 − w2*)² + b² exactly: curvature
+    2·scale² along w1 against 2 along w2, a condition number of 1/scale². A minibatch mixes the corners
+    unevenly, which adds gradient noise as in the notes' SGD example. Validation and test are the four
+    noise-free corners once, so `val/loss` is L(w) itself. Standardizing the inputs would undo the
+    ravine, so the config turns `normalize` off.
+    """
+
+    task = "regression"
+
+    def __init__(self, repeat: int = 64, scale: float = 0.1, optimum=(10.0, 1.0), noise: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.repeat = repeat
+        self.scale = scale
+        self.optimum = np.asarray(optimum, dtype=np.float64)
+        self.noise = noise
+
+    def load(self) -> Arrays:
+        corners = np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]], dtype=np.float64) * [self.scale, 1.0]
+        x = np.tile(corners, (self.repeat, 1))
+        noise = np.random.default_rng(self.seed).normal(0.0, self.noise, size=len(x))
+        y = x @ self.optimum + noise
+        x_corners, y_corners = corners.astype(np.float32), (corners @ self.optimum).astype(np.float32)
+        return Arrays(x.astype(np.float32), y.astype(np.float32), x_test=x_corners, y_test=y_corners,
+                      x_val=x_corners, y_val=y_corners)

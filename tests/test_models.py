@@ -183,10 +183,29 @@ def test_knob_mistakes_are_user_errors(compose_cfg):
 
 
 # --- every model learns --------------------------------------------------------------------------
+def fit(network: torch.nn.Module, datamodule, epochs: int, lr: float, validate: bool = False) -> dict[str, float]:
+    """`epochs` epochs of Adam through dlrun's Experiment (validating each epoch if asked); the last
+    epoch's logged metrics."""
+    spec = datamodule.prepare()
+    optim = OmegaConf.create({"_target_": "torch.optim.Adam", "lr": lr})
+    module = Experiment(network, make_task(spec), optim, OmegaConf.create({"_target_": None}))
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1.0 if validate else 0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
 def train(network: torch.nn.Module, datamodule, epochs: int, lr: float) -> tuple[float, float]:
     """Training-set loss before and after `epochs` epochs of Adam, through dlrun's Experiment."""
-    spec = datamodule.prepare()
-    task = make_task(spec)
+    task = make_task(datamodule.prepare())
     x, y = datamodule.splits["train"]
 
     def loss() -> float:
@@ -196,19 +215,7 @@ def train(network: torch.nn.Module, datamodule, epochs: int, lr: float) -> tuple
 
     before = loss()
     network.train()
-    optim = OmegaConf.create({"_target_": "torch.optim.Adam", "lr": lr})
-    module = Experiment(network, task, optim, OmegaConf.create({"_target_": None}))
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(module, datamodule=datamodule)
+    fit(network, datamodule, epochs, lr)
     return before, loss()
 
 
@@ -258,6 +265,38 @@ def test_zero_init_leaves_hidden_units_identical():
         torch.testing.assert_close(layer.weight, layer.weight[:1].expand_as(layer.weight))  # identical rows
         torch.testing.assert_close(layer.bias, layer.bias[:1].expand_as(layer.bias))
     torch.testing.assert_close(out.weight, out.weight[:, :1].expand_as(out.weight))  # identical columns
+
+
+# --- dead ReLUs (004 §4.2): val/dead_relu and test/dead_relu ------------------------------------------
+def test_dead_relu_fraction_is_the_share_of_units_no_validation_sample_activates():
+    """The logged val/dead_relu equals a direct count on the validation split after training."""
+    pl.seed_everything(0, verbose=False)
+    digits = Digits(n_train=256, batch_size=32, seed=0)
+    network = build("mlp", digits.prepare(), width=[48, 24], init_bias=-0.4)
+    logged = fit(network, digits, epochs=2, lr=0.01, validate=True)["val/dead_relu"]
+    network.eval()
+    a, never_positive = digits.splits["val"][0], []
+    with torch.no_grad():
+        for layer in network.net:
+            a = layer(a)
+            if isinstance(layer, torch.nn.ReLU):
+                never_positive.append((a > 0).sum(0) == 0)
+    dead = torch.cat(never_positive)
+    assert dead.numel() == 48 + 24 and 0 < dead.sum() < dead.numel()  # some dead, some alive
+    assert logged == pytest.approx(dead.float().mean().item())
+
+
+def test_zero_init_relus_are_dead_and_stay_dead():
+    """000 §6.4: with zero weights every ReLU outputs 0 for any input, gets no gradient, and never recovers;
+    He init leaves most alive. Networks without an nn.ReLU log no dead_relu."""
+    pl.seed_everything(0, verbose=False)
+    digits = Digits(n_train=256, batch_size=32, seed=0)
+    zeros = fit(build("mlp", digits.prepare(), init="zeros"), digits, epochs=3, lr=0.01, validate=True)
+    he = fit(build("mlp", digits.prepare(), init="he"), digits, epochs=3, lr=0.01, validate=True)
+    assert zeros["val/dead_relu"] == 1.0 and zeros["val/acc"] < 0.2
+    assert he["val/dead_relu"] < 0.5 and he["val/acc"] > 0.8
+    tanh = fit(build("mlp", digits.prepare(), activation="tanh"), digits, epochs=1, lr=0.01, validate=True)
+    assert "val/acc" in tanh and "val/dead_relu" not in tanh
 
 
 @pytest.mark.parametrize(

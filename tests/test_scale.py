@@ -118,7 +118,13 @@ def assert_test_metrics_cover_every_sample(run_dir: Path) -> dict:
     module.eval()
     x, y = datamodule.splits["test"]
     with torch.no_grad():
-        output = module(x)
+        output, a, never_positive = module(x), x, []
+        for layer in module.network.net:  # the default MLP, layer by layer: which ReLU units stay at 0
+            a = layer(a)
+            if isinstance(layer, torch.nn.ReLU):
+                never_positive.append((a > 0).sum(0) == 0)
+    dead = torch.cat(never_positive).double().mean().item()
+    assert summary["metrics"]["test/dead_relu"] == pytest.approx(dead, abs=1e-6)
     assert summary["metrics"]["test/acc"] == pytest.approx((output.argmax(-1) == y).double().mean().item(), abs=1e-6)
     assert summary["metrics"]["test/loss"] == pytest.approx(F.cross_entropy(output, y).item(), rel=1e-4)
     return summary

@@ -34,6 +34,7 @@ from pytorch_lightning.strategies import SingleDeviceStrategy
 from torch.func import functional_call
 
 from dlrun.training.callbacks import Interruption
+from dlrun.training.dead_units import DeadUnits
 from dlrun.training.optimizers import build_optimizer
 from dlrun.training.regularizers import Regularizer, sparsity_counts
 from dlrun.training.schedulers import build_scheduler
@@ -83,6 +84,7 @@ class Experiment(pl.LightningModule):
         self._direct_steps = False  # set by on_train_start
         self._interruption: Interruption | None = None  # set by on_train_start
         self._network_params = list(network.parameters())
+        self._dead_units = DeadUnits(network)  # counts during the validation and test passes only
 
     def logged_metric_names(self) -> set[str]:
         """Every name this module can log: what callbacks.monitor may watch."""
@@ -250,6 +252,11 @@ class Experiment(pl.LightningModule):
 
     def _log_stage(self, stage: str) -> None:
         metrics = self._epoch_metrics(stage)
+        active = self._dead_units.stop()
+        if metrics and active is not None:
+            if self.trainer.world_size > 1:  # a unit lives if a sample on any rank made it positive
+                active = self.trainer.strategy.reduce(active.float(), reduce_op="sum")
+            metrics[f"{stage}/dead_relu"] = float((active == 0).float().mean())
         if metrics and not self.trainer.sanity_checking:
             self.log_dict(metrics, on_epoch=True, sync_dist=False)  # already reduced across ranks
 
@@ -267,8 +274,14 @@ class Experiment(pl.LightningModule):
         if self._schedule is not None and self._schedule["interval"] == "epoch":
             self._step_epoch_schedule(metrics)
 
+    def on_validation_epoch_start(self) -> None:
+        self._dead_units.start()
+
     def on_validation_epoch_end(self) -> None:
         self._log_stage("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._dead_units.start()
 
     def on_test_epoch_end(self) -> None:
         self._log_stage("test")

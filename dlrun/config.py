@@ -130,6 +130,7 @@ RULES: dict[str, Rule] = {
     "dataset.val_fraction": Rule("float", low=0, high=1, low_open=True, high_open=True),
     "dataset.test_fraction": Rule("float", low=0, high=1, low_open=True, high_open=True),
     "dataset.normalize": Rule("bool"),
+    "dataset.split_seed": Rule("int", low=0, nullable=True),
     "dataset.length": positive_int(),
     "dataset.n_samples": Rule("int", low=10),  # enough for three non-empty splits
     "dataset.noise": non_negative(),

@@ -132,6 +132,22 @@ def test_another_seed_another_split(datamodule):
     assert not torch.equal(a.splits["test"][0], b.splits["test"][0])
 
 
+@pytest.mark.parametrize("name", ["iris", "moons", "parity"])
+def test_split_seed_fixes_the_data_while_the_seed_shuffles(datamodule, name):
+    """dataset.split_seed keeps the samples, the split and n_train's subset across run seeds (an ensemble's
+    members share one test split); the run's seed still orders the training batches."""
+    a = datamodule(name, "dataset.split_seed=7", "dataset.n_train=64", seed=0)
+    b = datamodule(name, "dataset.split_seed=7", "dataset.n_train=64", seed=1)
+    a.prepare(), b.prepare()
+    for split in ("train", "val", "test"):
+        assert all(torch.equal(u, v) for u, v in zip(a.splits[split], b.splits[split], strict=True)), split
+    first = [next(iter(IndexBatches(*dm.splits["train"], 16, shuffle=True, seed=dm.seed)))[0] for dm in (a, b)]
+    assert not torch.equal(*first)
+    other = datamodule(name, "dataset.split_seed=8", "dataset.n_train=64", seed=0)
+    other.prepare()
+    assert not torch.equal(a.splits["test"][0], other.splits["test"][0])
+
+
 def test_classification_splits_are_stratified(datamodule):
     dm = datamodule("wine")
     dm.prepare()

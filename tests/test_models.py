@@ -420,3 +420,30 @@ def test_every_model_runs_end_to_end(run_dlrun):
         for model, summary in done.items():
             assert summary["status"] == "completed", model
             assert math.isfinite(summary["metrics"]["test/loss"]), model
+
+
+# --- ensembles (dlrun-eval on several runs) ---------------------------------------------------------------
+class Fixed(torch.nn.Module):
+    def __init__(self, output: torch.Tensor):
+        super().__init__()
+        self.output = output
+
+    def forward(self, x):
+        return self.output
+
+
+def test_ensemble_output_is_the_mean_probability_as_a_logit():
+    """Classes: log of the mean softmax; binary: logit of the mean sigmoid, finite where the members saturate;
+    regression: the mean. Averaging logits would give other numbers in each case."""
+    from dlrun.models.ensemble import Ensemble
+
+    a, b = torch.tensor([[2.0, 0.0, -1.0], [0.0, 5.0, 1.0]]), torch.tensor([[-1.0, 3.0, 0.0], [1.0, 1.0, 1.0]])
+    logits = Ensemble([Fixed(a), Fixed(b)], "multiclass")(None)
+    torch.testing.assert_close(logits.exp(), (a.softmax(-1) + b.softmax(-1)) / 2)
+    p, q = torch.tensor([3.0, -60.0, 60.0]), torch.tensor([-1.0, -60.0, 59.0])
+    logit = Ensemble([Fixed(p), Fixed(q)], "binary")(None)
+    p, q = p.double(), q.double()
+    mean, complement = (p.sigmoid() + q.sigmoid()) / 2, ((-p).sigmoid() + (-q).sigmoid()) / 2  # 1 - mean, exact
+    torch.testing.assert_close(logit.double(), torch.log(mean) - torch.log(complement), rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(logit).all()
+    torch.testing.assert_close(Ensemble([Fixed(p), Fixed(q)], "regression")(None), (p + q) / 2)

@@ -5,17 +5,22 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
 
 import optuna
 import pytest
+import torch
+import torch.nn.functional as F
 import yaml
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+from omegaconf import OmegaConf
 
+from dlrun.run import build_experiment
 from dlrun.sweep import summary as sweep_summary
 from dlrun.sweep.launcher import Job, run_jobs
 
@@ -230,3 +235,48 @@ def test_bad_launcher_setting_fails_before_any_job(run_dlrun):
     assert result.returncode == 2
     assert "hydra.launcher.n_jobs = 0: expected an integer >= 1" in result.stdout + result.stderr
     assert not (result.output_dir / "sweeps").exists() or not any((result.output_dir / "sweeps").glob("*/*/"))
+
+
+# --- ensembles over seeds (004 §5.7): dlrun-eval on a sweep directory ------------------------------------
+@pytest.mark.slow
+def test_seed_ensemble_averages_the_members_probabilities(run_dlrun, tmp_path):
+    """`dlrun -m seed=0,1,2 dataset.split_seed=0` then `dlrun-eval <sweep>`: each member's numbers are its
+    own run's test metrics, and the ensemble's are those of the mean softmax, recomputed here by hand."""
+    result = run_dlrun("-m", "seed=0,1,2", "dataset.split_seed=0", "dataset.n_train=300", "model.width=32",
+                       "trainer.max_epochs=4")
+    (sweep_dir,) = _sweep_dirs(result.output_dir)
+    evaluated = subprocess.run([sys.executable, "-m", "dlrun.evaluate", str(sweep_dir)], capture_output=True,
+                               text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads((sweep_dir / "ensemble_test.json").read_text())
+    assert len(report["members"]) == 3 and "ensemble of 3" in evaluated.stdout
+
+    probabilities = []
+    for member in report["members"]:
+        run_dir = Path(member["run_dir"])
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert member["metrics"] == pytest.approx({k: v for k, v in summary["metrics"].items()
+                                                   if k.startswith("test/")}, rel=1e-5)
+        datamodule, _, module = build_experiment(OmegaConf.load(run_dir / "config.yaml"), summary["choices"])
+        module.load_state_dict(torch.load(member["checkpoint"], weights_only=False)["state_dict"])
+        module.eval()
+        x, y = datamodule.splits["test"]
+        with torch.no_grad():
+            probabilities.append(F.softmax(module(x), dim=-1))
+    mean = torch.stack(probabilities).mean(0)
+    ensemble = report["ensemble"]
+    assert ensemble["test/acc"] == pytest.approx((mean.argmax(-1) == y).double().mean().item(), abs=1e-6)
+    assert ensemble["test/loss"] == pytest.approx(F.nll_loss(mean.log(), y).item(), rel=1e-5)
+    # Jensen: the loss of the mean probability is at most the members' mean loss
+    assert ensemble["test/loss"] <= report["member_mean"]["test/loss"] + 1e-9
+    members = [m["metrics"]["test/loss"] for m in report["members"]]
+    assert report["member_mean"]["test/loss"] == pytest.approx(sum(members) / 3)
+
+    # runs that split the data differently share no test split: refused, exit 2, nothing written
+    other = run_dlrun("seed=5", "dataset.n_train=300", "model.width=32", "trainer.max_epochs=1")
+    refused = subprocess.run([sys.executable, "-m", "dlrun.evaluate", report["members"][0]["run_dir"],
+                              str(other.run_dir), "--json", str(tmp_path / "e.json")],
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "Members see different data" in refused.stderr
+    assert "data seed" in refused.stderr and "split_seed" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "e.json").exists()

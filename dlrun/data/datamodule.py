@@ -1,7 +1,7 @@
 """In-memory data: tensors on the training device, batched by index with a fresh permutation per epoch.
 
 Every data set that fits in memory subclasses `InMemoryDataModule` and implements `load()`. The base
-class does the rest the same way for all of them: a deterministic train/val/test split from the seed
+class does the rest the same way for all of them: a deterministic train/val/test split from the data seed
 (stratified for classification), an optional cap on the training size, normalization fitted on the
 training split only, the DataSpec, and batching without a DataLoader (no worker processes, no
 per-sample Python, no host-to-device copy per batch).
@@ -125,6 +125,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         test_fraction: float = 0.15,
         normalize: bool = True,
         seed: int = 0,
+        split_seed: int | None = None,
         name: str | None = None,
     ):
         super().__init__()
@@ -133,7 +134,10 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.normalize = normalize
-        self.seed = seed
+        self.seed = seed  # the run's: the order of the training batches
+        # generated data, the split and n_train's subset; fixed apart from the run's seed, members of a seed
+        # ensemble share one test split
+        self.data_seed = seed if split_seed is None else split_seed
         self.name = name or type(self).__name__.lower()
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.spec: DataSpec | None = None
@@ -179,7 +183,7 @@ class InMemoryDataModule(pl.LightningDataModule):
 
         def cut(index: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
             labels = y[index] if classification and _can_stratify(y[index], fraction) else None
-            return train_test_split(index, test_size=fraction, random_state=self.seed, stratify=labels)
+            return train_test_split(index, test_size=fraction, random_state=self.data_seed, stratify=labels)
 
         if arrays.x_val is not None:
             train_idx = idx
@@ -195,7 +199,7 @@ class InMemoryDataModule(pl.LightningDataModule):
             val = (x[np.sort(val_idx)], y[np.sort(val_idx)])
             test = (x[np.sort(test_idx)], y[np.sort(test_idx)])
         if self.n_train is not None and self.n_train < len(train_idx):
-            train_idx = np.random.default_rng(self.seed).permutation(train_idx)[: self.n_train]
+            train_idx = np.random.default_rng(self.data_seed).permutation(train_idx)[: self.n_train]
         return {
             "train": self._tensors(x[np.sort(train_idx)], y[np.sort(train_idx)]),
             "val": self._tensors(*val),

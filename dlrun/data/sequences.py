@@ -22,7 +22,7 @@ class Adding(InMemoryDataModule):
         self.n_samples = n_samples
 
     def load(self) -> Arrays:
-        rng = np.random.default_rng(self.seed)
+        rng = np.random.default_rng(self.data_seed)
         n, t = self.n_samples, self.length
         values = rng.uniform(0.0, 1.0, size=(n, t)).astype(np.float32)
         half = max(t // 2, 1)
@@ -54,7 +54,7 @@ class Copy(InMemoryDataModule):
         self.n_samples = n_samples
 
     def load(self) -> Arrays:
-        rng = np.random.default_rng(self.seed)
+        rng = np.random.default_rng(self.data_seed)
         tokens = rng.integers(0, self.symbols, size=(self.n_samples, self.length + 1))
         x = np.eye(self.symbols, dtype=np.float32)[tokens]
         names = tuple(str(i) for i in range(self.symbols))
@@ -75,7 +75,7 @@ class Parity(InMemoryDataModule):
         self.n_samples = n_samples
 
     def load(self) -> Arrays:
-        rng = np.random.default_rng(self.seed)
+        rng = np.random.default_rng(self.data_seed)
         bits = rng.integers(0, 2, size=(self.n_samples, self.length))
         return Arrays(bits[..., None].astype(np.float32), bits.sum(axis=1) % 2, class_names=("even", "odd"))
 
@@ -98,7 +98,7 @@ class SineSeq(InMemoryDataModule):
         self.n_samples = n_samples
 
     def load(self) -> Arrays:
-        rng = np.random.default_rng(self.seed)
+        rng = np.random.default_rng(self.data_seed)
         phase = rng.uniform(0.0, 2 * np.pi, size=(self.n_samples, 1))
         steps = np.arange(self.length + 1)[None, :]
         series = np.sin(2 * np.pi * steps / self.period + phase)

@@ -1,7 +1,7 @@
 """Toy problems the notes use to make a point: XOR, 2-D classification shapes, and sine regression.
 
-All are generated from the run's seed, so the same seed gives the same points; `n_samples` sets the
-size. Inputs are flat vectors of shape (F,).
+All are generated from the data seed (`dataset.split_seed`, else the run's seed), so the same seed gives
+the same points; `n_samples` sets the size. Inputs are flat vectors of shape (F,).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Xor(InMemoryDataModule):
 
     def load(self) -> Arrays:
         names = ("0", "1")
-        rng = np.random.default_rng(self.seed)
+        rng = np.random.default_rng(self.data_seed)
         x = np.tile(XOR_POINTS, (self.repeat, 1))
         x = (x + rng.normal(0.0, self.noise, size=x.shape)).astype(np.float32)
         y = np.tile(XOR_LABELS, self.repeat)
@@ -52,7 +52,7 @@ class Moons(InMemoryDataModule):
         self.noise = noise
 
     def load(self) -> Arrays:
-        x, y = skdatasets.make_moons(self.n_samples, noise=self.noise, random_state=self.seed)
+        x, y = skdatasets.make_moons(self.n_samples, noise=self.noise, random_state=self.data_seed)
         return Arrays(x.astype(np.float32), y.astype(np.int64), class_names=("upper", "lower"))
 
 
@@ -68,7 +68,7 @@ class Circles(InMemoryDataModule):
         self.factor = factor
 
     def load(self) -> Arrays:
-        x, y = skdatasets.make_circles(self.n_samples, noise=self.noise, factor=self.factor, random_state=self.seed)
+        x, y = skdatasets.make_circles(self.n_samples, noise=self.noise, factor=self.factor, random_state=self.data_seed)
         return Arrays(x.astype(np.float32), y.astype(np.int64), class_names=("outer", "inner"))
 
 
@@ -89,7 +89,7 @@ class Spirals(InMemoryDataModule):
         self.turns = turns
 
     def load(self) -> Arrays:
-        rng = np.random.default_rng(self.seed)
+        rng = np.random.default_rng(self.data_seed)
         y = np.arange(self.n_samples) % self.arms
         r = rng.uniform(0.05, 1.0, size=self.n_samples)
         angle = 2 * np.pi * (self.turns * r + y / self.arms)
@@ -113,7 +113,7 @@ class Blobs(InMemoryDataModule):
     def load(self) -> Arrays:
         x, y = skdatasets.make_blobs(
             self.n_samples, n_features=self.n_features, centers=self.centers, cluster_std=self.noise,
-            random_state=self.seed,
+            random_state=self.data_seed,
         )
         return Arrays(x.astype(np.float32), y.astype(np.int64))
 
@@ -134,7 +134,7 @@ class Sine(InMemoryDataModule):
         self.degree = degree
 
     def load(self) -> Arrays:
-        rng = np.random.default_rng(self.seed)
+        rng = np.random.default_rng(self.data_seed)
         x = rng.uniform(0.0, 1.0, size=self.n_samples)
         y = np.sin(2 * np.pi * x) + rng.normal(0.0, self.noise, size=self.n_samples)
         powers = np.stack([x**k for k in range(1, self.degree + 1)], axis=1)
@@ -165,7 +165,7 @@ class Ravine(InMemoryDataModule):
     def load(self) -> Arrays:
         corners = np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]], dtype=np.float64) * [self.scale, 1.0]
         x = np.tile(corners, (self.repeat, 1))
-        noise = np.random.default_rng(self.seed).normal(0.0, self.noise, size=len(x))
+        noise = np.random.default_rng(self.data_seed).normal(0.0, self.noise, size=len(x))
         y = x @ self.optimum + noise
         x_corners, y_corners = corners.astype(np.float32), (corners @ self.optimum).astype(np.float32)
         return Arrays(x.astype(np.float32), y.astype(np.float32), x_test=x_corners, y_test=y_corners,

@@ -242,8 +242,8 @@ def test_bad_launcher_setting_fails_before_any_job(run_dlrun):
 def test_seed_ensemble_averages_the_members_probabilities(run_dlrun, tmp_path):
     """`dlrun -m seed=0,1,2 dataset.split_seed=0` then `dlrun-eval <sweep>`: each member's numbers are its
     own run's test metrics, and the ensemble's are those of the mean softmax, recomputed here by hand."""
-    result = run_dlrun("-m", "seed=0,1,2", "dataset.split_seed=0", "dataset.n_train=300", "model.width=32",
-                       "trainer.max_epochs=4")
+    result = run_dlrun("-m", "hydra/launcher=basic", "seed=0,1,2", "dataset.split_seed=0", "dataset.n_train=300",
+                       "model.width=32", "trainer.max_epochs=4")  # jobs in one process: torch loads once
     (sweep_dir,) = _sweep_dirs(result.output_dir)
     evaluated = subprocess.run([sys.executable, "-m", "dlrun.evaluate", str(sweep_dir)], capture_output=True,
                                text=True, timeout=600)

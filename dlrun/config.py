@@ -223,6 +223,8 @@ RULES: dict[str, Rule] = {
     "regularizer.*.flip": Rule("bool"),
     "regularizer.*.degrees": Rule("float", low=0, high=180),
     "regularizer.*.scale": Rule("float", low=0, high=1, high_open=True),
+    "regularizer.*.brightness": Rule("float", low=0, high=1),
+    "regularizer.*.contrast": Rule("float", low=0, high=1),
     "regularizer.*.cutout": Rule("int", low=0),
     # --- hardware ----------------------------------------------------------------------------
     "hardware.accelerator": Rule("str", choices=("auto", "cpu", "gpu", "cuda", "mps")),

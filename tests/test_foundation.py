@@ -117,6 +117,8 @@ def test_help_lists_groups_and_options(run_dlrun):
         (["model=foo"], ["model/foo", "mlp", "lstm", "cnn"]),
         (["optim.lr=-0.1"], ["optim.lr", "> 0"]),
         (["model.dropout=1.0"], ["model.dropout", "[0, 1)"]),
+        (["regularizer=augment", "regularizer.augment.brightness=2"],
+         ["regularizer.augment.brightness", "[0, 1]"]),
         (["dataset.batch_size=0"], ["dataset.batch_size", ">= 1"]),
         (["trainer.max_epochs=0"], ["trainer.max_epochs", ">= 1"]),
         (["optim.lr=fast"], ["optim.lr", "'fast'"]),

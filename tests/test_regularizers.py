@@ -265,7 +265,8 @@ def test_weight_noise_perturbs_the_forward_pass_only_and_takes_the_gradient_ther
 
 
 def augment_only(**on) -> R.Augment:
-    knobs = {"crop_padding": 0, "flip": False, "degrees": 0.0, "scale": 0.0, "cutout": 0, "sigma": 0.0}
+    knobs = {"crop_padding": 0, "flip": False, "degrees": 0.0, "scale": 0.0, "brightness": 0.0,
+             "contrast": 0.0, "cutout": 0, "sigma": 0.0}
     return R.Augment(**{**knobs, **on})
 
 
@@ -289,7 +290,8 @@ def test_augment_keeps_shapes_is_reproducible_and_differs_between_samples():
         out, _ = aug.transform_batch(s, y)
         assert out.shape == s.shape and not torch.equal(out, s)
         assert torch.equal(
-            augment_only(crop_padding=2, flip=True, degrees=30, cutout=3).transform_batch(s, y)[0], s
+            augment_only(crop_padding=2, flip=True, degrees=30, brightness=0.5, contrast=0.5, cutout=3)
+            .transform_batch(s, y)[0], s
         )
     with pytest.raises(UserError, match="token"):
         aug.transform_batch(torch.zeros(2, 5, dtype=torch.long), y[:2])
@@ -327,6 +329,44 @@ def test_augment_affine_keeps_the_centre_and_changes_the_image():
     x = image_batch()
     out, _ = augment_only(degrees=20, scale=0.2).transform_batch(x, torch.zeros(32))
     assert not torch.allclose(out, x) and torch.isfinite(out).all()
+
+
+def varied_image_batch() -> torch.Tensor:
+    """32 copies of one image, each with its own mean and std."""
+    std, mean = torch.linspace(0.5, 2.0, 32).view(-1, 1, 1, 1), torch.linspace(-3, 3, 32).view(-1, 1, 1, 1)
+    return image_batch() * std + mean
+
+
+def test_augment_brightness_shifts_each_image_by_a_constant_of_at_most_the_knob_times_its_std():
+    """Brightness alone adds one constant per sample, (b - 1) x that sample's std with |b - 1| <= 0.3."""
+    x = varied_image_batch()
+    out, _ = augment_only(brightness=0.3).transform_batch(x, torch.zeros(32))
+    assert out.shape == x.shape
+    shift = (out - x).flatten(1)
+    torch.testing.assert_close(shift, shift[:, :1].expand_as(shift))  # the same at every pixel and channel
+    b_minus_1 = shift[:, 0] / x.flatten(1).std(1, correction=0)
+    assert (b_minus_1.abs() <= 0.3 + 1e-5).all() and b_minus_1.max() > 0.15 and b_minus_1.min() < -0.15
+    assert b_minus_1.unique().numel() == 32
+
+
+def test_augment_contrast_scales_each_image_about_its_own_mean_by_one_factor_per_sample():
+    """Contrast alone keeps every sample's mean and scales its deviation from it by one c in [0.7, 1.3]."""
+    x = varied_image_batch()
+    out, _ = augment_only(contrast=0.3).transform_batch(x, torch.zeros(32))
+    mean = x.mean((1, 2, 3), keepdim=True)
+    torch.testing.assert_close(out.mean((1, 2, 3), keepdim=True), mean)
+    dev_in, dev_out = (x - mean).flatten(1), (out - mean).flatten(1)
+    c = (dev_in * dev_out).sum(1) / (dev_in**2).sum(1)  # least-squares factor, exact if the claim holds
+    torch.testing.assert_close(dev_out, c.unsqueeze(1) * dev_in)
+    assert ((c >= 0.7 - 1e-5) & (c <= 1.3 + 1e-5)).all() and c.max() > 1.15 and c.min() < 0.85
+    assert c.unique().numel() == 32
+
+
+def test_augment_with_every_transform_off_is_the_identity_on_images():
+    """brightness=0 and contrast=0, like every other knob at 0, leave images exactly as they were."""
+    x = varied_image_batch()
+    out, _ = augment_only().transform_batch(x, torch.zeros(32))
+    assert torch.equal(out, x)
 
 
 # --- in-process runs of the real pipeline (dlrun.run.build_experiment) -------------------------------------

@@ -201,8 +201,11 @@ class Augment(Regularizer):
     Every sample draws its own parameters. Images (N, C, H, W) get every enabled transform: a random
     crop of the image padded by `crop_padding` pixels (a shift with zero fill: the mean of standardized
     data), a horizontal `flip` with probability 1/2, a small affine map (rotation up to `degrees`, zoom by
-    up to `scale`), a `cutout` square of that many pixels set to zero, and Gaussian noise of std `sigma`.
-    Sequences and flat vectors get only the noise: shifting or mirroring them has no general meaning.
+    up to `scale`), `brightness` and `contrast` jitter with factors b, c ~ U(1 - knob, 1 + knob), a `cutout`
+    square of that many pixels set to zero, and Gaussian noise of std `sigma`. Brightness adds (b - 1) times
+    the image's own std (standardized pixels have no black at 0 to scale from); contrast scales the deviation
+    from the image's own mean by c. Sequences and flat vectors get only the noise: shifting or mirroring
+    them has no general meaning.
     """
 
     name = "augment"
@@ -213,6 +216,8 @@ class Augment(Regularizer):
         flip: bool = False,
         degrees: float = 10.0,
         scale: float = 0.1,
+        brightness: float = 0.2,
+        contrast: float = 0.2,
         cutout: int = 2,
         sigma: float = 0.05,
     ):
@@ -220,6 +225,8 @@ class Augment(Regularizer):
         self.flip = flip
         self.degrees = degrees
         self.scale = scale
+        self.brightness = brightness
+        self.contrast = contrast
         self.cutout = cutout
         self.sigma = sigma
 
@@ -227,6 +234,7 @@ class Augment(Regularizer):
         _require_float_inputs(x, self.name)
         if x.dim() == 4:
             x = self._geometric(x)
+            x = self._photometric(x)
             x = self._cutout(x)
         return add_gaussian_noise(x, self.sigma), y
 
@@ -257,6 +265,21 @@ class Augment(Regularizer):
         theta = torch.cat([a_norm, shift.unsqueeze(-1)], dim=-1)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    def _photometric(self, x: torch.Tensor) -> torch.Tensor:
+        """Brightness, then contrast, each from one factor per sample and the sample's own statistics."""
+        factor_shape = (x.shape[0], 1, 1, 1)
+
+        def factor(spread: float) -> torch.Tensor:
+            return 1 + spread * (2 * torch.rand(factor_shape, device=x.device, dtype=x.dtype) - 1)
+
+        if self.brightness:
+            # a shift, not a scale: standardized pixels have no black at 0 to scale from
+            x = x + (factor(self.brightness) - 1) * x.std(dim=(1, 2, 3), keepdim=True, correction=0)
+        if self.contrast:
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = mean + factor(self.contrast) * (x - mean)
+        return x
 
     def _cutout(self, x: torch.Tensor) -> torch.Tensor:
         """Zero one `cutout` x `cutout` square per sample, centred anywhere (it may hang over an edge)."""

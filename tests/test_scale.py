@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
+from sklearn.metrics import f1_score
 
 from dlrun.config import find_problems
 from dlrun.distributed import rank_command
@@ -117,16 +118,23 @@ def assert_test_metrics_cover_every_sample(run_dir: Path) -> dict:
     module.load_state_dict(state)
     module.eval()
     x, y = datamodule.splits["test"]
+    relus = [m for m in module.network.modules() if isinstance(m, torch.nn.ReLU)]
+    never_positive = []  # per ReLU unit, over the whole split in one batch: did no sample make it positive?
+    handles = [r.register_forward_hook(lambda m, i, out: never_positive.append((out > 0).sum(0) == 0))
+               for r in relus]
     with torch.no_grad():
-        output, a, never_positive = module(x), x, []
-        for layer in module.network.net:  # the default MLP, layer by layer: which ReLU units stay at 0
-            a = layer(a)
-            if isinstance(layer, torch.nn.ReLU):
-                never_positive.append((a > 0).sum(0) == 0)
-    dead = torch.cat(never_positive).double().mean().item()
-    assert summary["metrics"]["test/dead_relu"] == pytest.approx(dead, abs=1e-6)
+        output = module(x)
+    for handle in handles:
+        handle.remove()
+    if never_positive:  # the MLP's and the CNN's ReLUs; logreg has none, and so no metric
+        dead = torch.cat([d.flatten() for d in never_positive]).double().mean().item()
+        assert summary["metrics"]["test/dead_relu"] == pytest.approx(dead, abs=1e-6)
+    else:
+        assert "test/dead_relu" not in summary["metrics"]
     assert summary["metrics"]["test/acc"] == pytest.approx((output.argmax(-1) == y).double().mean().item(), abs=1e-6)
     assert summary["metrics"]["test/loss"] == pytest.approx(F.cross_entropy(output, y).item(), rel=1e-4)
+    f1 = f1_score(y, output.argmax(-1), average="macro", zero_division=0)  # per-class sums, reduced too
+    assert summary["metrics"]["test/f1"] == pytest.approx(f1, abs=1e-6)
     return summary
 
 

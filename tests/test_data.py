@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import math
@@ -16,11 +17,15 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from dlrun.config import find_problems
 from dlrun.data.datamodule import IndexBatches, InMemoryDataModule
+from dlrun.data.spec import DataSpec
 from dlrun.errors import DataError
 from dlrun.models.base import build_network
+from dlrun.run import build_experiment
 from dlrun.training.module import Experiment
 from dlrun.training.tasks import make_task
 
@@ -496,3 +501,66 @@ def test_grouped_batches_are_the_same_batches_and_limits_count_batches():
     assert len(batches(limit=0.5)) == 6 and len(batches(limit=0.01)) == 1 and len(batches(limit=0.0)) == 0
     assert [len(g) for g in batches(group=16)] == [13]
 
+
+
+# --- precision, recall and F1 (validation and test only) ---------------------------------------------------
+PRF = ("precision", "recall", "f1")
+
+
+def _epoch(task, batches, stage: str) -> dict[str, float]:
+    """The stage's epoch metrics of (output, target) batches, scored and reduced as Experiment does."""
+    module = Experiment(torch.nn.Identity(), task, OmegaConf.create({}), OmegaConf.create({}))
+    module.trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    for output, target in batches:
+        module._score(output, target, stage)
+    return module._epoch_metrics(stage)
+
+
+def test_multiclass_precision_recall_f1_are_scikit_learns_macro_averages():
+    """Summed per class over uneven batches; class 4 occurs but is never predicted (precision 0/0 -> 0), class
+    5 neither occurs nor is predicted (left out, as scikit-learn does). Training logs none of them."""
+    g = torch.Generator().manual_seed(0)
+    scores, target = torch.randn(100, 6, generator=g), torch.randint(0, 5, (100,), generator=g)
+    scores[:, 4:] -= 100
+    batches = [(scores[:37], target[:37]), (scores[37:], target[37:])]
+    task = make_task(DataSpec("toy", "multiclass", (2,), 6))
+    metrics = _epoch(task, batches, "val")
+    predicted = scores.argmax(1)
+    expected = precision_recall_fscore_support(target, predicted, average="macro", zero_division=0)[:3]
+    assert [metrics[f"val/{name}"] for name in PRF] == pytest.approx(expected, abs=1e-12)
+    assert metrics["val/f1"] == pytest.approx(f1_score(target, predicted, average="macro", zero_division=0))
+    precision, recall = expected[:2]
+    assert metrics["val/f1"] != pytest.approx(2 * precision * recall / (precision + recall))  # mean of F1s
+    assert set(_epoch(task, batches, "train")) == {"train/loss", "train/acc"}
+
+
+def test_binary_precision_recall_f1_are_scikit_learns_for_label_1():
+    """Label 1's at logit > 0, summed over batches; 0 when nothing is positive (zero_division=0)."""
+    g = torch.Generator().manual_seed(1)
+    logits, target = torch.randn(90, 1, generator=g), torch.randint(0, 2, (90,), generator=g).float()
+    task = make_task(DataSpec("toy", "binary", (2,), 1))
+    metrics = _epoch(task, [(logits[:50], target[:50]), (logits[50:], target[50:])], "test")
+    expected = precision_recall_fscore_support(target, (logits > 0).float().squeeze(1), zero_division=0)[:3]
+    assert [metrics[f"test/{name}"] for name in PRF] == pytest.approx([e[1] for e in expected], abs=1e-12)
+    negative = _epoch(task, [(-logits.abs(), torch.zeros(90))], "test")
+    assert [negative[f"test/{name}"] for name in PRF] == [0.0, 0.0, 0.0]
+
+
+def test_a_run_monitors_val_f1_and_its_test_f1_is_scikit_learns(dlrun_main):
+    """callbacks.monitor=val/f1 with mode max; summary.json's test metrics are scikit-learn's on the best
+    checkpoint's test predictions; metrics.csv has them for validation only."""
+    summary = dlrun_main("dataset=breast_cancer", "trainer.max_epochs=3", "callbacks.monitor=val/f1",
+                         "callbacks.mode=max")
+    run_dir = Path(summary["run_dir"])
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert summary["best_value"] == pytest.approx(max(float(r["val/f1"]) for r in rows))
+    columns = set(rows[0])
+    assert {f"val/{name}" for name in PRF} <= columns and not {f"train/{name}" for name in PRF} & columns
+    datamodule, _, module = build_experiment(OmegaConf.load(run_dir / "config.yaml"), summary["choices"])
+    state = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    module.load_state_dict(state["state_dict"])
+    x, y = datamodule.splits["test"]
+    with torch.no_grad():
+        predicted = (module.eval()(x) > 0).long().squeeze(1)
+    expected = precision_recall_fscore_support(y.long(), predicted, average="binary", zero_division=0)[:3]
+    assert [summary["metrics"][f"test/{name}"] for name in PRF] == pytest.approx(expected, abs=1e-6)

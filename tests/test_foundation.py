@@ -125,6 +125,7 @@ def test_help_lists_groups_and_options(run_dlrun):
         (["model=resnet", "dataset=adding"], ["resnet", "adding", "sequence", "(20, 2)"]),
         (["callbacks.monitor=val/accuracy"], ["val/accuracy", "val/acc", "val/loss"]),
         (["dataset=sine", "callbacks.monitor=val/acc"], ["val/acc", "regression", "val/r2"]),
+        (["callbacks.monitor=train/f1"], ["train/f1", "val/f1"]),  # evaluation-only metrics: never train/
     ],
 )
 def test_bad_input_exits_2_with_a_panel(run_dlrun, args, expected):

@@ -89,7 +89,8 @@ class Experiment(pl.LightningModule):
     def logged_metric_names(self) -> set[str]:
         """Every name this module can log: what callbacks.monitor may watch."""
         per_stage = {f"{stage}/{name}" for stage in ("train", "val") for name in self.task.metric_names}
-        return per_stage | {f"train/{name}" for name in DIAGNOSTICS} | {"lr"}
+        evaluated = {f"val/{name}" for name in self.task.eval_metric_names}  # not logged for training
+        return per_stage | evaluated | {f"train/{name}" for name in DIAGNOSTICS} | {"lr"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
@@ -180,7 +181,10 @@ class Experiment(pl.LightningModule):
     def _score(self, output: torch.Tensor, target: torch.Tensor, stage: str) -> torch.Tensor:
         """The batch's data loss, its statistics added to the stage's sums."""
         loss = self.task.loss(output, target)
-        self._accumulate(stage, self.task.stats(output.detach(), target, loss.detach()))
+        stats = self.task.stats(output.detach(), target, loss.detach())
+        if stage != "train":  # evaluation-only statistics keep the training step's cost unchanged
+            stats |= self.task.eval_stats(output.detach(), target)
+        self._accumulate(stage, stats)
         return loss
 
     def _training_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,15 +239,20 @@ class Experiment(pl.LightningModule):
         self._sums[stage], self._counts[stage] = {}, {}
         if not sums and not counts:
             return {}
-        keys = sorted(sums) + sorted(counts)
         device = next(iter(sums.values())).device if sums else self.device
-        dtype = _sum_dtype(device)
-        stacked = torch.cat([
-            torch.stack([sums[k] for k in sorted(sums)]) if sums else torch.zeros(0, dtype=dtype, device=device),
-            torch.tensor([float(counts[k]) for k in sorted(counts)], dtype=dtype, device=device),
+        # Scalar and vector sums (per-class counts) in one flat tensor: one all-reduce, one host sync.
+        flat = torch.cat([
+            *(sums[k].reshape(-1) for k in sorted(sums)),
+            torch.tensor([float(counts[k]) for k in sorted(counts)], dtype=_sum_dtype(device), device=device),
         ])
-        stacked = self.trainer.strategy.reduce(stacked, reduce_op="sum") if self.trainer.world_size > 1 else stacked
-        totals = dict(zip(keys, stacked.tolist(), strict=True))  # the one host sync per epoch
+        flat = self.trainer.strategy.reduce(flat, reduce_op="sum") if self.trainer.world_size > 1 else flat
+        values = flat.tolist()  # the one host sync per epoch
+        totals, start = {}, 0
+        for key in sorted(sums):  # split back: a float per scalar sum, a list per vector sum
+            size = sums[key].numel()
+            totals[key] = values[start : start + size] if sums[key].dim() else values[start]
+            start += size
+        totals |= dict(zip(sorted(counts), values[start:], strict=True))
         metrics = self.task.metrics(totals)
         for name, (numerator, denominator) in DIAGNOSTICS.items():
             if numerator in totals:

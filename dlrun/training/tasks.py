@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,15 +36,25 @@ class Task:
         mean data loss (already computed)."""
         raise NotImplementedError
 
+    def eval_stats(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """More sums, for the validation and test passes only: a training step pays nothing for them."""
+        return {}
+
     #: what `metrics` returns, known before training so that a misspelled monitor is refused early
     metric_names: tuple[str, ...] = ("loss", "acc")
+    #: what `metrics` adds from `eval_stats`' sums (validation and test)
+    eval_metric_names: tuple[str, ...] = ()
 
-    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+    def metrics(self, sums: dict[str, float | list[float]]) -> dict[str, float]:
+        """The epoch's metrics from its summed statistics: floats, lists for per-class sums."""
         raise NotImplementedError
 
 
 class Multiclass(Task):
-    """Softmax + cross-entropy; accuracy. Per-step targets (N, T) are scored at every step."""
+    """Softmax + cross-entropy; accuracy; on validation and test, macro-averaged precision, recall and F1.
+    Per-step targets (N, T) are scored at every step."""
+
+    eval_metric_names = ("precision", "recall", "f1")
 
     def loss(self, output, target, smooth=False):
         k = output.shape[-1]
@@ -57,15 +68,26 @@ class Multiclass(Task):
         correct = (output.argmax(dim=-1) == target).sum()
         return {"loss": loss.detach() * n, "correct": correct, "count": n}
 
+    def eval_stats(self, output, target):
+        """Per-class counts, shape (K,). One-hot sums, not torch.bincount: on a GPU bincount reads the
+        largest index back to the host, a sync per batch."""
+        k = output.shape[-1]
+        predicted = F.one_hot(output.argmax(dim=-1).reshape(-1), k)
+        actual = F.one_hot(target.reshape(-1), k)
+        return {"true_positives": (predicted * actual).sum(0), "predicted": predicted.sum(0),
+                "actual": actual.sum(0)}
+
     def metrics(self, sums):
-        count = max(sums["count"], 1.0)
-        return {"loss": sums["loss"] / count, "acc": sums["correct"] / count}
+        return _classification_metrics(sums)
 
 
 class PerStep(Multiclass):
-    metric_names = ("loss", "acc", "bpc", "ppl")
-
     """A language model's per-character targets: also bits per character and perplexity."""
+
+    metric_names = ("loss", "acc", "bpc", "ppl")
+    # a macro average over a vocabulary's characters says little about a language model: bpc does
+    eval_metric_names = ()
+    eval_stats = Task.eval_stats
 
     def metrics(self, sums):
         out = super().metrics(sums)
@@ -75,7 +97,10 @@ class PerStep(Multiclass):
 
 
 class Binary(Task):
-    """Sigmoid + binary cross-entropy on logits; accuracy at threshold 0.5."""
+    """Sigmoid + binary cross-entropy on logits; accuracy at threshold 0.5; on validation and test, the
+    precision, recall and F1 of the positive class (label 1)."""
+
+    eval_metric_names = ("precision", "recall", "f1")
 
     def loss(self, output, target, smooth=False):
         target = target.reshape(output.shape).float()
@@ -89,9 +114,13 @@ class Binary(Task):
         correct = ((output > 0).to(target.dtype) == target).sum()
         return {"loss": loss.detach() * n, "correct": correct, "count": n}
 
+    def eval_stats(self, output, target):
+        predicted, actual = output > 0, target.reshape(output.shape) == 1
+        return {"true_positives": (predicted & actual).sum(), "predicted": predicted.sum(),
+                "actual": actual.sum()}
+
     def metrics(self, sums):
-        count = max(sums["count"], 1.0)
-        return {"loss": sums["loss"] / count, "acc": sums["correct"] / count}
+        return _classification_metrics(sums)
 
 
 class Regression(Task):
@@ -119,6 +148,27 @@ class Regression(Task):
         variance = sums["sum_y2"] / count - (sums["sum_y"] / count) ** 2
         r2 = 1.0 - mse / variance if variance > 1e-12 else float("nan")
         return {"loss": mse, "mse": mse, "mae": sums["sae"] / count, "r2": r2}
+
+
+def _classification_metrics(sums: dict[str, float | list[float]]) -> dict[str, float]:
+    """Loss and accuracy; with `eval_stats`' sums, precision, recall and F1 too: of the one class when the
+    counts are scalars (binary), else their macro average (the mean of the per-class F1s, not the F1 of
+    the means) over the classes seen in targets or predictions, as scikit-learn's average="macro" does.
+    A zero denominator gives 0, as scikit-learn's zero_division=0."""
+    count = max(sums["count"], 1.0)
+    out = {"loss": sums["loss"] / count, "acc": sums["correct"] / count}
+    if "true_positives" in sums:  # validation and test only
+        tp, predicted, actual = (
+            np.asarray(sums[k], dtype=np.float64) for k in ("true_positives", "predicted", "actual")
+        )
+        seen = predicted + actual > 0
+        per_class = {
+            "precision": tp / np.maximum(predicted, 1),  # counts are whole numbers: max(., 1) only guards 0
+            "recall": tp / np.maximum(actual, 1),
+            "f1": 2 * tp / np.maximum(predicted + actual, 1),  # = 2PR / (P + R)
+        }
+        out |= {name: float(v[seen].mean()) if seen.any() else 0.0 for name, v in per_class.items()}
+    return out
 
 
 def make_task(spec: DataSpec, label_smoothing: float = 0.0) -> Task:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from datetime import datetime
@@ -78,6 +79,12 @@ def test_grid_runs_in_parallel_and_resume_runs_only_missing_jobs(run_dlrun):
         assert row["epochs"] == job["epochs"] == 1
     assert (sweep_dir / "sweep_plot.png").read_bytes()[:4] == b"\x89PNG"
     assert "val/loss (min)" in result.stdout
+    # an 80-column terminal shows the headline test metrics whole; the CSV keeps every one
+    narrow = subprocess.run([sys.executable, "-m", "dlrun.sweep.summary", str(sweep_dir)], capture_output=True,
+                            text=True, env={**os.environ, "COLUMNS": "80"}, check=True).stdout
+    table = narrow.split("every test metric")[0]
+    assert "…" not in table and "test/loss" in table and "test/acc" in table and "test/f1" not in table
+    assert {"test/f1", "test/precision", "test/recall", "test/dead_relu"} <= set(rows[0])
 
     # resume: job 3 "was killed" (no summary), job 1 failed; the re-run runs those two only
     killed = sweep_dir / sorted(jobs)[3]

@@ -34,6 +34,7 @@ PLOT_FILE = "sweep_plot.png"
 _CSV_ERROR_CHARS = 500  # the CSV keeps the error on one line; the JSON keeps all of it
 _FIXED_COLUMNS = ("job", "status", "overrides")
 _RESULT_COLUMNS = ("monitor", "best_value", "best_epoch", "epochs", "seconds", "started_at", "finished_at")
+_HEADLINE_TEST_METRICS = ("test/acc", "test/r2", "test/bpc", "test/f1", "test/loss")
 
 
 def parse_value(text: str) -> Any:
@@ -198,13 +199,24 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
+def headline_test_keys(rows: list[dict[str, Any]], monitor: str | None) -> list[str]:
+    """The test metrics a terminal table has room for: the monitored metric's test twin, then the task's
+    main score (accuracy, R², bits per character, F1), two in all; the summary files keep every one."""
+    present = {k for r in rows for k in r["test"]}
+    twin = f"test/{monitor.split('/', 1)[-1]}" if monitor else None
+    preferred = dict.fromkeys(k for k in (twin, *_HEADLINE_TEST_METRICS) if k in present)
+    return list(preferred)[:2]
+
+
 def print_summary(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
     """The rich table of a sweep, best first, then the seed aggregates."""
     monitor, mode = objective(rows)
     keys = swept_keys(rows)
-    test_keys = sorted({k for r in rows for k in r["test"]})
-    table = Table(title=f"sweep {sweep_dir}", header_style="bold", title_justify="left", box=box.SIMPLE_HEAD)
-    for column in ("job", *keys, "status", f"{monitor or 'best'} ({mode})", *test_keys, "epochs", "seconds"):
+    test_keys = headline_test_keys(rows, monitor)
+    table = Table(title=f"sweep {Path(sweep_dir).name}", header_style="bold", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, caption_justify="left",
+                  caption=f"ranked by {monitor or 'best value'} ({mode}) · every test metric: {CSV_FILE}")
+    for column in ("job", *keys, "status", monitor or "best", *test_keys, "epochs", "seconds"):
         table.add_column(column, justify="left" if column in ("status", *keys) else "right")
     for i, r in enumerate(ranked(rows, mode)):
         status = {"completed": "[green]completed[/green]", "failed": "[red]failed[/red]"}.get(r["status"], r["status"])
@@ -284,3 +296,7 @@ def _show(value: Any) -> str:
 
 def _last_lines(text: str, n: int) -> str:
     return "\n".join("  " + line for line in text.splitlines()[-n:])
+
+
+if __name__ == "__main__":
+    main()

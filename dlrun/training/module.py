@@ -41,6 +41,10 @@ from dlrun.training.schedulers import build_scheduler
 from dlrun.training.tasks import Task
 
 STAGES = ("train", "val", "test")
+# A training batch whose output has at most this many elements is scored at its group's end, with the
+# group's other batches: a few operations per group instead of per step (most of a small network's
+# overhead). Larger outputs (a language model's logits) are scored at once rather than held.
+_GROUP_SCORED_NUMEL = 1 << 16
 
 # Training diagnostics, kept as device sums like the task's statistics: metric = numerator / denominator.
 DIAGNOSTICS = {
@@ -78,6 +82,10 @@ class Experiment(pl.LightningModule):
         self._pending: dict[str, dict[str, list[torch.Tensor]]] = {stage: {} for stage in STAGES}
         self._sums: dict[str, dict[str, torch.Tensor]] = {stage: {} for stage in STAGES}
         self._counts: dict[str, dict[str, float]] = {stage: {} for stage in STAGES}
+        # The training group's steps not yet scored: (output, target, mean loss), and per-parameter gradient
+        # norms; `_flush` turns both into sums.
+        self._unscored: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._grad_norms: list[list[torch.Tensor]] = []
         self._epoch_lr = float("nan")
         self._schedule: dict | None = None  # build_scheduler's: the scheduler, its interval and monitor
         self.automatic_optimization = False  # training_step steps the optimizer: see the module docstring
@@ -179,13 +187,31 @@ class Experiment(pl.LightningModule):
         self._score(self.network(x), y, "test")
 
     def _score(self, output: torch.Tensor, target: torch.Tensor, stage: str) -> torch.Tensor:
-        """The batch's data loss, its statistics added to the stage's sums."""
+        """The batch's data loss; its statistics go to the stage's sums (a small training batch's when its
+        group ends, see _GROUP_SCORED_NUMEL)."""
         loss = self.task.loss(output, target)
-        stats = self.task.stats(output.detach(), target, loss.detach())
-        if stage != "train":  # evaluation-only statistics keep the training step's cost unchanged
-            stats |= self.task.eval_stats(output.detach(), target)
-        self._accumulate(stage, stats)
+        scored = (output.detach(), target, loss.detach())
+        if stage == "train" and output.numel() <= _GROUP_SCORED_NUMEL:
+            self._unscored.append(scored)
+        else:
+            self._accumulate(stage, self._stats([scored], stage))
         return loss
+
+    def _stats(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], stage: str) -> dict:
+        """The task's sums over (output, target, mean loss) batches, scored as one concatenated batch."""
+        sizes = [target.numel() for _, target, _ in batches]
+        if len(batches) == 1:
+            output, target, loss = batches[0]
+            loss_sum = loss.to(_sum_dtype(loss.device)) * sizes[0]  # exact in float64: sums of them don't
+        else:  # depend on the grouping
+            output, target = (torch.cat([batch[i] for batch in batches]) for i in (0, 1))
+            losses = torch.stack([loss for _, _, loss in batches])
+            dtype = _sum_dtype(losses.device)
+            loss_sum = (losses.to(dtype) * torch.tensor(sizes, dtype=dtype, device=losses.device)).sum()
+        stats = self.task.stats(output, target, loss_sum)
+        if stage != "train":  # evaluation-only statistics keep the training step's cost unchanged
+            stats |= self.task.eval_stats(output, target)
+        return stats
 
     def _training_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The network's output, at parameters perturbed for this pass when a regularizer asks (weight noise).
@@ -209,9 +235,8 @@ class Experiment(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         """Gradients are final here (all-reduced, unscaled under mixed precision)."""
         grads = [p.grad for p in self._network_params if p.grad is not None]
-        if grads:  # the global L2 norm, as torch.nn.utils.get_total_norm computes it, at half its cost here
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-            self._accumulate("train", {"grad_norm": norm, "optimizer_steps": 1})
+        if grads:  # each parameter's norm now (before clipping); the step's global norm at the group's end
+            self._grad_norms.append(torch._foreach_norm(grads))
         for reg in self.regularizers:
             reg.on_before_optimizer_step(self.network)
 
@@ -226,7 +251,14 @@ class Experiment(pl.LightningModule):
                 counts[key] = counts.get(key, 0) + value
 
     def _flush(self, stage: str) -> None:
-        """Add the pending tensors to the running sums: a few operations per key, not per batch."""
+        """Score the training group's batches, then add the pending tensors to the running sums: a few
+        operations per key, not per batch."""
+        if stage == "train" and self._unscored:
+            self._accumulate("train", self._stats(self._unscored, "train"))
+            self._unscored = []
+        if stage == "train" and self._grad_norms:
+            self._accumulate("train", _global_grad_norms(self._grad_norms))
+            self._grad_norms = []
         sums = self._sums[stage]
         for key, values in self._pending[stage].items():
             total = torch.stack(values).to(_sum_dtype(values[0].device)).sum(0)
@@ -318,6 +350,17 @@ class Experiment(pl.LightningModule):
                 f"(logged: {', '.join(sorted(self.trainer.callback_metrics))})"
             )
         scheduler.step(float(value))
+
+
+def _global_grad_norms(per_parameter: list[list[torch.Tensor]]) -> dict[str, torch.Tensor | int]:
+    """The summed global L2 gradient norms of steps, from each step's per-parameter norms (as
+    torch.nn.utils.get_total_norm computes them), in one reduction when every step had the same gradients."""
+    if len({len(norms) for norms in per_parameter}) == 1:
+        rows = torch.stack([norm for norms in per_parameter for norm in norms]).view(len(per_parameter), -1)
+        per_step = torch.linalg.vector_norm(rows, dim=1)
+    else:
+        per_step = torch.stack([torch.linalg.vector_norm(torch.stack(norms)) for norms in per_parameter])
+    return {"grad_norm": per_step.sum(), "optimizer_steps": len(per_parameter)}
 
 
 def _sum_dtype(device: torch.device) -> torch.dtype:

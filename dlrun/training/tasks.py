@@ -31,9 +31,9 @@ class Task:
         """The batch's mean loss; against the smoothed targets when `smooth` (the training objective)."""
         raise NotImplementedError
 
-    def stats(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> dict[str, torch.Tensor | int]:
-        """Sums over the batch, as device tensors (counts known on the host as ints); `loss` is the batch's
-        mean data loss (already computed)."""
+    def stats(self, output: torch.Tensor, target: torch.Tensor, loss_sum: torch.Tensor) -> dict[str, torch.Tensor | int]:
+        """Sums over the batch (or several batches, concatenated), as device tensors; counts known on the host
+        as ints. `loss_sum` is the data loss summed over the scored targets (already computed)."""
         raise NotImplementedError
 
     def eval_stats(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -63,10 +63,9 @@ class Multiclass(Task):
         eps = self.label_smoothing * k / (k - 1) if smooth and k > 1 else 0.0
         return F.cross_entropy(output.reshape(-1, k), target.reshape(-1), label_smoothing=eps)
 
-    def stats(self, output, target, loss):
-        n = target.numel()
+    def stats(self, output, target, loss_sum):
         correct = (output.argmax(dim=-1) == target).sum()
-        return {"loss": loss.detach() * n, "correct": correct, "count": n}
+        return {"loss": loss_sum, "correct": correct, "count": target.numel()}
 
     def eval_stats(self, output, target):
         """Per-class counts, shape (K,). One-hot sums, not torch.bincount: on a GPU bincount reads the
@@ -108,11 +107,10 @@ class Binary(Task):
             target = target * (1 - 2 * self.label_smoothing) + self.label_smoothing
         return F.binary_cross_entropy_with_logits(output, target)
 
-    def stats(self, output, target, loss):
+    def stats(self, output, target, loss_sum):
         target = target.reshape(output.shape)
-        n = target.numel()
         correct = ((output > 0).to(target.dtype) == target).sum()
-        return {"loss": loss.detach() * n, "correct": correct, "count": n}
+        return {"loss": loss_sum, "correct": correct, "count": target.numel()}
 
     def eval_stats(self, output, target):
         predicted, actual = output > 0, target.reshape(output.shape) == 1
@@ -124,15 +122,15 @@ class Binary(Task):
 
 
 class Regression(Task):
-    metric_names = ("loss", "mse", "mae", "r2")
-
     """Mean squared error; also MAE and R² (coefficient of determination)."""
+
+    metric_names = ("loss", "mse", "mae", "r2")
 
     def loss(self, output, target, smooth=False):
         return F.mse_loss(output.reshape(target.shape), target)
 
-    def stats(self, output, target, loss):
-        output = output.detach().reshape(target.shape)
+    def stats(self, output, target, loss_sum):  # the loss is the MSE, from the squared errors' sum
+        output = output.reshape(target.shape)
         err = output - target
         return {
             "sse": (err * err).sum(),

@@ -1,6 +1,6 @@
 """How close dlrun comes to a plain PyTorch loop, and how fast it starts.
 
-    python benchmarks/run.py                 # full: ~30k samples per workload, 5 repeats
+    python benchmarks/run.py                 # full: 30k samples per workload, 5 repeats
     python benchmarks/run.py --quick         # a few minutes on a 2-core machine
     python benchmarks/run.py --json out.json
 
@@ -13,8 +13,10 @@ the same network (built by dlrun's model classes), optimizer (Adam, lr 1e-3), ba
   lightning  Lightning with a DataLoader over a TensorDataset and per-step logging (what templates do)
 
 Each repeat trains `epochs` epochs; the first is warm-up and is dropped, and only the training steps
-are timed (validation excluded). Variants run in turns within one invocation; the table reports the
-median over repeats. All three run with the same torch determinism setting (dlrun's
+are timed (validation excluded). Variants run in turns within one invocation, back to back within a
+repeat; the table reports each variant's median over repeats, and for the ratios the median of the
+repeats' own ratios (a repeat's variants share the machine's state of the moment, which on a shared
+machine drifts by tens of percent between repeats) with their lowest and highest. All three run with the same torch determinism setting (dlrun's
 trainer.deterministic, on by default). Start-up rows are wall times of whole commands, medians of 3.
 """
 
@@ -231,6 +233,12 @@ def startup() -> dict[str, float]:
     return rows
 
 
+def _ratio(result: dict, key: str) -> str:
+    """'0.91 (0.85-0.97)': the median of the repeats' ratios, then their lowest and highest."""
+    low, high = result[f"{key}_range"]
+    return f"{result[key]:.2f} ({low:.2f}-{high:.2f})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples: a few minutes on 2 cores")
@@ -252,10 +260,14 @@ def main(argv: list[str] | None = None) -> int:
             for name in names[repeat % len(names):] + names[: repeat % len(names)]:  # noise hits all alike
                 samples[name].append(VARIANTS[name](workload, n_samples, epochs))
         med = {name: statistics.median(values) for name, values in samples.items()}
+        vs_plain = [d / p for d, p in zip(samples["dlrun"], samples["plain"], strict=True)]
+        vs_lightning = [d / c for d, c in zip(samples["dlrun"], samples["lightning"], strict=True)]
         results[workload] = {
             **{f"{name}_samples_per_s": value for name, value in med.items()},
-            "ratio_vs_plain": med["dlrun"] / med["plain"],
-            "ratio_vs_lightning": med["dlrun"] / med["lightning"],
+            "ratio_vs_plain": statistics.median(vs_plain),
+            "ratio_vs_plain_range": [min(vs_plain), max(vs_plain)],
+            "ratio_vs_lightning": statistics.median(vs_lightning),
+            "ratio_vs_lightning_range": [min(vs_lightning), max(vs_lightning)],
             "repeats_samples_per_s": {name: [round(v) for v in values] for name, values in samples.items()},
         }
     start = {} if args.no_startup else startup()
@@ -266,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(col, justify="right")
     for workload, r in results.items():
         table.add_row(workload, f"{r['plain_samples_per_s']:,.0f}", f"{r['dlrun_samples_per_s']:,.0f}",
-                      f"{r['lightning_samples_per_s']:,.0f}", f"{r['ratio_vs_plain']:.2f}",
-                      f"{r['ratio_vs_lightning']:.2f}")
+                      f"{r['lightning_samples_per_s']:,.0f}", _ratio(r, "ratio_vs_plain"),
+                      _ratio(r, "ratio_vs_lightning"))
     console.print(table)
     if start:
         stable = Table(title="start-up, wall seconds (median of 3)")

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_benchmark_prints_the_table_and_writes_the_same_numbers(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/run.py", "--samples", "2000", "--repeats", "1", "--workloads", "mlp",
+        [sys.executable, "benchmarks/run.py", "--samples", "2000", "--repeats", "2", "--workloads", "mlp",
          "--no-startup", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "200"},
     )
@@ -25,6 +25,13 @@ def test_benchmark_prints_the_table_and_writes_the_same_numbers(tmp_path):
     mlp = json.loads(out.read_text())["throughput"]["mlp"]
     for variant in ("plain", "dlrun", "lightning"):
         assert mlp[f"{variant}_samples_per_s"] > 0
-    assert mlp["ratio_vs_plain"] == pytest.approx(mlp["dlrun_samples_per_s"] / mlp["plain_samples_per_s"])
-    assert mlp["ratio_vs_lightning"] == pytest.approx(mlp["dlrun_samples_per_s"] / mlp["lightning_samples_per_s"])
+    repeats = mlp["repeats_samples_per_s"]  # each repeat's ratio, then their median (of two: the mean)
+    vs_plain = [d / p for d, p in zip(repeats["dlrun"], repeats["plain"], strict=True)]
+    assert mlp["ratio_vs_plain"] == pytest.approx(sum(vs_plain) / 2, rel=1e-3)
+    assert mlp["ratio_vs_plain_range"] == pytest.approx(sorted(vs_plain), rel=1e-3)
+    vs_lightning = [d / c for d, c in zip(repeats["dlrun"], repeats["lightning"], strict=True)]
+    assert mlp["ratio_vs_lightning"] == pytest.approx(sum(vs_lightning) / 2, rel=1e-3)
+    assert mlp["dlrun_samples_per_s"] == pytest.approx(sum(repeats["dlrun"]) / 2, abs=1)
     assert "dlrun / plain" in proc.stdout and f"{mlp['plain_samples_per_s']:,.0f}" in proc.stdout
+    low, high = mlp["ratio_vs_plain_range"]
+    assert f"{mlp['ratio_vs_plain']:.2f} ({low:.2f}-{high:.2f})" in proc.stdout

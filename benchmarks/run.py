@@ -3,6 +3,7 @@
     python benchmarks/run.py                 # full: 30k samples per workload, 5 repeats
     python benchmarks/run.py --quick         # a few minutes on a 2-core machine
     python benchmarks/run.py --json out.json
+    python benchmarks/run.py --workloads mlp --dlrun trainer.steps_per_execution=64   # what a setting costs
 
 Throughput (training samples per second, steady state) for three ways of running the same work:
 the same network (built by dlrun's model classes), optimizer (Adam, lr 1e-3), batch size and data
@@ -23,6 +24,7 @@ trainer.deterministic, on by default). Start-up rows are wall times of whole com
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -32,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -97,12 +99,13 @@ def compose_cfg(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def build(workload: str, n_samples: int, epochs: int):
+def build(workload: str, n_samples: int, epochs: int, overrides: Sequence[str] = ()):
     """The dlrun config, data module and Experiment for one workload, exactly as `dlrun` builds them."""
     from dlrun.run import build_experiment
 
     cfg = compose_cfg([
         *WORKLOADS[workload],
+        *overrides,
         f"dataset._target_={RepeatedDigits.__module__}.RepeatedDigits",
         f"+dataset.n_samples={n_samples}",
         f"dataset.batch_size={BATCH_SIZE}",
@@ -141,12 +144,13 @@ def run_plain(workload: str, n_samples: int, epochs: int) -> float:
     return steady_throughput(timings)
 
 
-def run_dlrun(workload: str, n_samples: int, epochs: int) -> float:
-    """(b) dlrun's data module, Experiment and Trainer settings, with a timer added."""
+def run_dlrun(workload: str, n_samples: int, epochs: int, overrides: Sequence[str] = ()) -> float:
+    """(b) dlrun's data module, Experiment and Trainer settings, with a timer added; `overrides` (the
+    --dlrun option's) change dlrun's settings only."""
     from dlrun.run import build_trainer
     from dlrun.rundir import RunDir
 
-    cfg, datamodule, module = build(workload, n_samples, epochs)
+    cfg, datamodule, module = build(workload, n_samples, epochs, overrides)
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
         trainer, _, _ = build_trainer(cfg, RunDir(tmp), {"hardware": "cpu"}, datamodule, extra_callbacks=[timer])
@@ -247,18 +251,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--samples", type=int, help="samples per workload (default 30,000; 8,000 with --quick)")
     parser.add_argument("--no-startup", action="store_true", help="skip the start-up timings")
+    parser.add_argument("--dlrun", nargs="+", default=[], metavar="OVERRIDE",
+                        help="config overrides for dlrun's runs only, e.g. trainer.steps_per_execution=64")
     args = parser.parse_args(argv)
+    variants = {**VARIANTS, "dlrun": functools.partial(run_dlrun, overrides=args.dlrun)}
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)  # the table is the output
     n_samples, epochs = args.samples or (8_000 if args.quick else 30_000), 3
 
     results: dict[str, dict[str, float]] = {}
     for workload in args.workloads:
-        samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
-        names = list(VARIANTS)
+        samples: dict[str, list[float]] = {v: [] for v in variants}
+        names = list(variants)
         for repeat in range(args.repeats):  # in turns, each repeat starting with the next variant, so that
             for name in names[repeat % len(names):] + names[: repeat % len(names)]:  # noise hits all alike
-                samples[name].append(VARIANTS[name](workload, n_samples, epochs))
+                samples[name].append(variants[name](workload, n_samples, epochs))
         med = {name: statistics.median(values) for name, values in samples.items()}
         vs_plain = [d / p for d, p in zip(samples["dlrun"], samples["plain"], strict=True)]
         vs_lightning = [d / c for d, c in zip(samples["dlrun"], samples["lightning"], strict=True)]
@@ -273,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     start = {} if args.no_startup else startup()
 
     console = Console()
-    table = Table(title=f"training throughput, samples/s (median of {args.repeats}; {n_samples} samples, batch {BATCH_SIZE})")
+    settings = f"median of {args.repeats}; {n_samples} samples, batch {BATCH_SIZE}" + "".join(f"; dlrun {o}" for o in args.dlrun)
+    table = Table(title=f"training throughput, samples/s ({settings})")
     for col in ("workload", "plain loop", "dlrun", "lightning+DataLoader", "dlrun / plain", "dlrun / lightning"):
         table.add_column(col, justify="right")
     for workload, r in results.items():
@@ -293,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         payload = {
             "throughput": results,
             "startup_seconds": start,
-            "settings": {"n_samples": n_samples, "epochs": epochs, "batch_size": BATCH_SIZE, "repeats": args.repeats},
+            "settings": {"n_samples": n_samples, "epochs": epochs, "batch_size": BATCH_SIZE, "repeats": args.repeats,
+                         "dlrun_overrides": args.dlrun},
             "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "python": platform.python_version(), "torch": torch.__version__},
         }

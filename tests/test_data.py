@@ -564,3 +564,24 @@ def test_a_run_monitors_val_f1_and_its_test_f1_is_scikit_learns(dlrun_main):
         predicted = (module.eval()(x) > 0).long().squeeze(1)
     expected = precision_recall_fscore_support(y.long(), predicted, average="binary", zero_division=0)[:3]
     assert [summary["metrics"][f"test/{name}"] for name in PRF] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize(("task", "outputs"), [("multiclass", 6), ("binary", 1), ("regression", 1)])
+def test_training_batches_scored_per_group_equal_scored_one_by_one(monkeypatch, task, outputs):
+    """Small training outputs wait for the group's end and are scored concatenated (uneven batches too);
+    the epoch's metrics are exactly those of scoring each batch at once, as large outputs are. Regression
+    (float sums) is always scored per batch, so that its numbers never depend on the grouping either."""
+    import dlrun.training.module as module_code
+
+    g = torch.Generator().manual_seed(2)
+    output = torch.randn(100, outputs, generator=g)
+    target = {"multiclass": torch.randint(0, 6, (100,), generator=g),
+              "binary": torch.randint(0, 2, (100,), generator=g).float(),
+              "regression": torch.randn(100, generator=g)}[task]
+    batches = [(output[:37], target[:37]), (output[37:74], target[37:74]), (output[74:], target[74:])]
+    spec = make_task(DataSpec("toy", task, (2,), outputs))
+    grouped = _epoch(spec, batches, "train")
+    assert spec.scores_groups == (task != "regression")
+    monkeypatch.setattr(module_code, "_GROUP_SCORED_NUMEL", 0)
+    assert _epoch(spec, batches, "train") == grouped
+    assert grouped["train/loss"] == pytest.approx(spec.loss(output, target).item(), rel=1e-6)

@@ -43,7 +43,8 @@ from dlrun.training.tasks import Task
 STAGES = ("train", "val", "test")
 # A training batch whose output has at most this many elements is scored at its group's end, with the
 # group's other batches: a few operations per group instead of per step (most of a small network's
-# overhead). Larger outputs (a language model's logits) are scored at once rather than held.
+# overhead). Larger outputs (a language model's logits) are scored at once rather than held, and so are
+# those of tasks whose sums are not exact over concatenated batches (Task.scores_groups).
 _GROUP_SCORED_NUMEL = 1 << 16
 
 # Training diagnostics, kept as device sums like the task's statistics: metric = numerator / denominator.
@@ -191,7 +192,7 @@ class Experiment(pl.LightningModule):
         group ends, see _GROUP_SCORED_NUMEL)."""
         loss = self.task.loss(output, target)
         scored = (output.detach(), target, loss.detach())
-        if stage == "train" and output.numel() <= _GROUP_SCORED_NUMEL:
+        if stage == "train" and self.task.scores_groups and output.numel() <= _GROUP_SCORED_NUMEL:
             self._unscored.append(scored)
         else:
             self._accumulate(stage, self._stats([scored], stage))

@@ -40,6 +40,9 @@ class Task:
         """More sums, for the validation and test passes only: a training step pays nothing for them."""
         return {}
 
+    #: whether `stats` of concatenated batches are exactly the sums of each batch's (counts, and the loss
+    #: sum the caller makes exact), so that a group of training steps may be scored at once
+    scores_groups: bool = True
     #: what `metrics` returns, known before training so that a misspelled monitor is refused early
     metric_names: tuple[str, ...] = ("loss", "acc")
     #: what `metrics` adds from `eval_stats`' sums (validation and test)
@@ -125,6 +128,7 @@ class Regression(Task):
     """Mean squared error; also MAE and R² (coefficient of determination)."""
 
     metric_names = ("loss", "mse", "mae", "r2")
+    scores_groups = False  # float32 sums of errors round differently over a longer batch: per batch it is
 
     def loss(self, output, target, smooth=False):
         return F.mse_loss(output.reshape(target.shape), target)

@@ -17,8 +17,8 @@ Each repeat trains `epochs` epochs; the first is warm-up and is dropped, and onl
 are timed (validation excluded). Variants run in turns within one invocation, back to back within a
 repeat; the table reports each variant's median over repeats, and for the ratios the median of the
 repeats' own ratios (a repeat's variants share the machine's state of the moment, which on a shared
-machine drifts by tens of percent between repeats) with their lowest and highest. All three run with the same torch determinism setting (dlrun's
-trainer.deterministic, on by default). Start-up rows are wall times of whole commands, medians of 3.
+machine drifts by tens of percent between repeats) with their lowest and highest. All three run with
+the same torch determinism setting (dlrun's trainer.deterministic, on by default). Start-up rows are wall times of whole commands, medians of 3.
 """
 
 from __future__ import annotations

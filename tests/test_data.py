@@ -502,7 +502,6 @@ def test_grouped_batches_are_the_same_batches_and_limits_count_batches():
     assert [len(g) for g in batches(group=16)] == [13]
 
 
-
 # --- precision, recall and F1 (validation and test only) ---------------------------------------------------
 PRF = ("precision", "recall", "f1")
 

@@ -200,11 +200,13 @@ class Experiment(pl.LightningModule):
 
     def _stats(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], stage: str) -> dict:
         """The task's sums over (output, target, mean loss) batches, scored as one concatenated batch."""
+        # Each batch's loss times its size, in float64: the products are exact, so the epoch's loss sum is
+        # the same whatever the grouping. One batch (every evaluation batch) skips the concatenation.
         sizes = [target.numel() for _, target, _ in batches]
         if len(batches) == 1:
             output, target, loss = batches[0]
-            loss_sum = loss.to(_sum_dtype(loss.device)) * sizes[0]  # exact in float64: sums of them don't
-        else:  # depend on the grouping
+            loss_sum = loss.to(_sum_dtype(loss.device)) * sizes[0]
+        else:
             output, target = (torch.cat([batch[i] for batch in batches]) for i in (0, 1))
             losses = torch.stack([loss for _, _, loss in batches])
             dtype = _sum_dtype(losses.device)
@@ -254,12 +256,13 @@ class Experiment(pl.LightningModule):
     def _flush(self, stage: str) -> None:
         """Score the training group's batches, then add the pending tensors to the running sums: a few
         operations per key, not per batch."""
-        if stage == "train" and self._unscored:
-            self._accumulate("train", self._stats(self._unscored, "train"))
-            self._unscored = []
-        if stage == "train" and self._grad_norms:
-            self._accumulate("train", _global_grad_norms(self._grad_norms))
-            self._grad_norms = []
+        if stage == "train":
+            if self._unscored:
+                self._accumulate("train", self._stats(self._unscored, "train"))
+                self._unscored = []
+            if self._grad_norms:
+                self._accumulate("train", _global_grad_norms(self._grad_norms))
+                self._grad_norms = []
         sums = self._sums[stage]
         for key, values in self._pending[stage].items():
             total = torch.stack(values).to(_sum_dtype(values[0].device)).sum(0)

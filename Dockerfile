@@ -24,6 +24,7 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY dlrun ./dlrun
+COPY conf ./conf
 COPY hydra_plugins ./hydra_plugins
 RUN pip install --no-cache-dir . \
     && rm -rf /src

@@ -41,7 +41,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
+
+from dlrun import CONF_DIR
 from hydra.core.global_hydra import GlobalHydra
 from rich.console import Console
 from rich.table import Table
@@ -95,7 +97,7 @@ def steady_throughput(epochs: list[tuple[float, int]]) -> float:
 
 def compose_cfg(overrides: list[str]):
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="dlrun.conf", version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 
 

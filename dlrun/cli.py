@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from dlrun import CONF_DIR
 from dlrun.config import validate
 from dlrun.console import err_console, print_user_error
 from dlrun.errors import UserError
@@ -46,7 +47,7 @@ def mode_from_command_line(hydra_app: Hydra, config_name: str | None, overrides:
 Hydra.get_mode = mode_from_command_line
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _run(cfg: DictConfig) -> float | None:
     if cfg.get("resume"):
         cfg = _resumed_config(cfg)
@@ -194,7 +195,7 @@ def _list_options(err: MissingConfigException) -> str:
     if err.options or not err.missing_cfg_file or "/" not in err.missing_cfg_file:
         return ""
     group, option = err.missing_cfg_file.rsplit("/", 1)
-    options = sorted(p.stem for p in (Path(__file__).parent / "conf" / group).glob("*.yaml"))
+    options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
     if not options:
         return ""
     close = difflib.get_close_matches(option, options, n=1)

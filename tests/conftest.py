@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
+
+from dlrun import CONF_DIR
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
@@ -66,7 +68,7 @@ def compose_cfg() -> Callable[..., DictConfig]:
 
     def _compose(*overrides: str) -> DictConfig:
         GlobalHydra.instance().clear()
-        with initialize_config_module(config_module="dlrun.conf", version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
 
     return _compose

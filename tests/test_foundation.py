@@ -154,13 +154,15 @@ def test_config_errors_do_not_import_torch(tmp_path):
                                        ["hydra.mode=MULTIRUN"], ["hydra.mode=RUN", "debug=fast"]])
 def test_run_mode_read_off_the_command_line_is_hydras(overrides):
     """dlrun skips the composition Hydra makes only to read hydra.mode: no config of dlrun's may set it."""
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
+
+    from dlrun import CONF_DIR
     from hydra.core.global_hydra import GlobalHydra
 
     from dlrun.cli import mode_from_command_line
 
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="dlrun.conf", version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         composed = compose("config", overrides=overrides, return_hydra_config=True).hydra.mode
     assert mode_from_command_line(None, "config", overrides) == composed
 
@@ -185,6 +187,8 @@ def test_wheel_ships_the_configs(tmp_path):
     )
     (wheel,) = tmp_path.glob("dlrun-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    shipped = {f"dlrun/conf/{p.relative_to(root / 'dlrun' / 'conf')}" for p in (root / "dlrun" / "conf").rglob("*.yaml")}
+    shipped = {f"dlrun/conf/{p.relative_to(root / 'conf')}" for p in (root / "conf").rglob("*.yaml")}
     assert shipped and shipped <= names
+    modules = {str(p.relative_to(root)) for pattern in ("dlrun/**/*.py", "hydra_plugins/**/*.py") for p in root.glob(pattern)}
+    assert modules <= names, f"modules missing from the wheel (pyproject.toml's packages): {modules - names}"
     assert "dlrun/conf/__init__.py" in names

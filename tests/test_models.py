@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
+from dlrun import CONF_DIR
 from dlrun.config import find_problems
 from dlrun.data.spec import DataSpec
 from dlrun.data.tabular import Digits
@@ -22,11 +22,7 @@ from dlrun.models.init import fans
 from dlrun.training.module import Experiment
 from dlrun.training.tasks import make_task
 
-MODELS = sorted(
-    p.name.removesuffix(".yaml")
-    for p in resources.files("dlrun.conf.model").iterdir()
-    if p.name.endswith(".yaml")
-)
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 SEQUENCE_MODELS = ["rnn", "gru", "lstm", "transformer", "tcn"]  # also language models
 FLATTENING = ["logreg", "linear", "mlp"]
 # What each model reads; everything else must be refused with the model, data set and shape named.
@@ -68,7 +64,7 @@ def one_thread():
 
 def model_cfg(name: str, **knobs):
     """The model's shipped YAML, with knobs changed."""
-    cfg = OmegaConf.load(resources.files("dlrun.conf.model") / f"{name}.yaml")
+    cfg = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
     return OmegaConf.merge(cfg, knobs)
 
 

@@ -95,11 +95,13 @@ def resume_cfg() -> DictConfig:
 
 def _small_run_cfg(*overrides: str) -> DictConfig:
     """4 training batches an epoch, one per Lightning call unless overridden."""
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
+
+    from dlrun import CONF_DIR
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="dlrun.conf", version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=[
             "dataset.n_train=128", "dataset.batch_size=32", "model.width=32", "model.depth=1",
             "regularizer=dropout", "scheduler=step", "scheduler.step_size=1", "optim.lr=0.01",

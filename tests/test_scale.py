@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
+
+from dlrun import CONF_DIR
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from sklearn.metrics import f1_score
@@ -70,7 +72,7 @@ def test_bad_hardware_values_are_named(compose_cfg, override, named):
 
 def test_slurm_launcher_takes_its_task_layout_from_the_hardware_group():
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="dlrun.conf", version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["hydra/launcher=slurm", "hardware=ddp_cpu", "hardware.num_nodes=3",
                                             "hydra.launcher.partition=gpu"], return_hydra_config=True)
     launcher = cfg.hydra.launcher

@@ -16,7 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
+
+from dlrun import CONF_DIR
 from hydra.core.global_hydra import GlobalHydra
 from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 from omegaconf import OmegaConf
@@ -222,7 +224,7 @@ def test_summary_ranks_jobs_and_aggregates_seeds(tmp_path, capsys):
 def test_sweep_config_group_and_unique_sweep_dirs():
     """sweep=tpe selects Optuna's TPE through its sampler group; sweep dirs carry microseconds."""
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="dlrun.conf", version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["sweep=tpe", "callbacks.mode=max"], return_hydra_config=True)
         first = compose("config", return_hydra_config=True)
         second = compose("config", return_hydra_config=True)

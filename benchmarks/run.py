@@ -4,6 +4,7 @@
     python benchmarks/run.py --quick         # a few minutes on a 2-core machine
     python benchmarks/run.py --json out.json
     python benchmarks/run.py --workloads mlp --dlrun trainer.steps_per_execution=64   # what a setting costs
+    python benchmarks/run.py --quick --device cuda   # all three on the GPU (dlrun with hardware=gpu)
 
 Throughput (training samples per second, steady state) for three ways of running the same work:
 the same network (built by dlrun's model classes), optimizer (Adam, lr 1e-3), batch size and data
@@ -42,18 +43,18 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-
-from dlrun import CONF_DIR
 from hydra.core.global_hydra import GlobalHydra
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, TensorDataset
 
+from dlrun import CONF_DIR
 from dlrun.data.datamodule import Arrays
 from dlrun.data.tabular import Digits
 
 WORKLOADS = {"mlp": ["model=mlp"], "cnn": ["model=cnn"], "lstm": ["model=lstm"]}
 BATCH_SIZE = 64
+DEVICE = "cpu"  # --device: where all three variants train ("cuda": dlrun with hardware=gpu)
 
 
 class RepeatedDigits(Digits):
@@ -126,14 +127,14 @@ def build(workload: str, n_samples: int, epochs: int, overrides: Sequence[str] =
 def run_plain(workload: str, n_samples: int, epochs: int) -> float:
     """(a) forward, loss, backward, step over index batches of in-memory tensors."""
     cfg, datamodule, module = build(workload, n_samples, epochs)
-    network = module.network
-    x, y = datamodule.splits["train"]
+    network = module.network.to(DEVICE)
+    x, y = (t.to(DEVICE) for t in datamodule.splits["train"])
     torch.use_deterministic_algorithms(cfg.trainer.deterministic)  # as dlrun's Trainer sets it
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
     network.train()
     timings = []
     for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch)).to(DEVICE)
         start, seen = time.perf_counter(), 0
         for i in range(0, len(order), BATCH_SIZE):
             index = order[i : i + BATCH_SIZE]
@@ -142,6 +143,8 @@ def run_plain(workload: str, n_samples: int, epochs: int) -> float:
             loss.backward()
             optimizer.step()
             seen += len(index)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()  # the queued kernels belong to this epoch's time
         timings.append((time.perf_counter() - start, seen))
     return steady_throughput(timings)
 
@@ -152,10 +155,11 @@ def run_dlrun(workload: str, n_samples: int, epochs: int, overrides: Sequence[st
     from dlrun.run import build_trainer
     from dlrun.rundir import RunDir
 
-    cfg, datamodule, module = build(workload, n_samples, epochs, overrides)
+    hardware = "gpu" if DEVICE == "cuda" else "cpu"
+    cfg, datamodule, module = build(workload, n_samples, epochs, [f"hardware={hardware}", *overrides])
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, _, _ = build_trainer(cfg, RunDir(tmp), {"hardware": "cpu"}, datamodule, extra_callbacks=[timer])
+        trainer, _, _ = build_trainer(cfg, RunDir(tmp), {"hardware": hardware}, datamodule, extra_callbacks=[timer])
         trainer.fit(module, datamodule=datamodule)
     return steady_throughput(timer.epochs)
 
@@ -191,7 +195,7 @@ def run_lightning(workload: str, n_samples: int, epochs: int) -> float:
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
-            max_epochs=epochs, accelerator="cpu", devices=1, logger=pl.loggers.CSVLogger(tmp), callbacks=[timer],
+            max_epochs=epochs, accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1, logger=pl.loggers.CSVLogger(tmp), callbacks=[timer],
             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
             default_root_dir=tmp, deterministic=cfg.trainer.deterministic,
         )
@@ -255,7 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-startup", action="store_true", help="skip the start-up timings")
     parser.add_argument("--dlrun", nargs="+", default=[], metavar="OVERRIDE",
                         help="config overrides for dlrun's runs only, e.g. trainer.steps_per_execution=64")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where all three variants train")
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
     variants = {**VARIANTS, "dlrun": functools.partial(run_dlrun, overrides=args.dlrun)}
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)  # the table is the output
@@ -282,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     start = {} if args.no_startup else startup()
 
     console = Console()
-    settings = f"median of {args.repeats}; {n_samples} samples, batch {BATCH_SIZE}" + "".join(f"; dlrun {o}" for o in args.dlrun)
+    settings = f"{DEVICE}, median of {args.repeats}; {n_samples} samples, batch {BATCH_SIZE}" + "".join(f"; dlrun {o}" for o in args.dlrun)
     table = Table(title=f"training throughput, samples/s ({settings})")
     for col in ("workload", "plain loop", "dlrun", "lightning+DataLoader", "dlrun / plain", "dlrun / lightning"):
         table.add_column(col, justify="right")
@@ -303,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = {
             "throughput": results,
             "startup_seconds": start,
-            "settings": {"n_samples": n_samples, "epochs": epochs, "batch_size": BATCH_SIZE, "repeats": args.repeats,
+            "settings": {"device": DEVICE, "n_samples": n_samples, "epochs": epochs, "batch_size": BATCH_SIZE, "repeats": args.repeats,
                          "dlrun_overrides": args.dlrun},
             "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "python": platform.python_version(), "torch": torch.__version__},

@@ -26,7 +26,7 @@ from dlrun import CONF_DIR
 from dlrun.config import validate
 from dlrun.console import err_console, print_user_error
 from dlrun.errors import UserError
-from dlrun.rundir import RESUMABLE, RunDir, RunInterrupted, check_checkpoint_file
+from dlrun.rundir import RESUMABLE, RunDir, RunInterrupted, check_checkpoint_file, check_output_root_writable
 from dlrun.sweep.summary import end_of_sweeps
 
 # The user asked for full tracebacks (Hydra's own switch); read once, before dlrun sets it for itself.
@@ -68,6 +68,7 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         sys.argv[1:] = expand_resume(sys.argv[1:])
+        check_output_root_writable(sys.argv[1:])
         with contextlib.redirect_stderr(_WithoutHydraJobErrorLine(sys.stderr)):
             _run()
     except KeyboardInterrupt:

@@ -213,3 +213,22 @@ def _check_weights(path: Path, found: Mapping[str, Any], expected: Mapping[str, 
     lines += shapes[:3]
     raise UserError("\n".join(lines), "Use the checkpoint of this run directory, with the config it was trained with.",
                     title="Checkpoint does not fit the model")
+
+
+def check_output_root_writable(args: list[str]) -> None:
+    """Stop with a panel, before Hydra creates a run directory, when the output root (`paths.output_dir`:
+    the command line's, else $DLRUN_OUTPUT_DIR, else ./outputs) cannot be written, e.g. a container's
+    mounted /outputs that belongs to another uid; Hydra would end in a PermissionError traceback."""
+    given = [arg.split("=", 1)[1] for arg in args if arg.startswith("paths.output_dir=")]
+    root = Path(given[-1] if given else os.environ.get("DLRUN_OUTPUT_DIR", "outputs")).absolute()
+    existing = next(p for p in (root, *root.parents) if p.exists())  # what mkdir -p would write into
+    if os.access(existing, os.W_OK | os.X_OK):
+        return
+    stat = existing.stat()
+    raise UserError(
+        f"Cannot write the output directory {root}: {existing} belongs to uid {stat.st_uid} (mode "
+        f"{stat.st_mode & 0o777:o}) and dlrun runs as uid {os.getuid()}.",
+        "Make it writable for this user (chown/chmod), or choose another one with paths.output_dir=<dir>. "
+        "In Docker, run as its owner: docker run --user \"$(id -u):$(id -g)\" -v \"$PWD/outputs:/outputs\" ...",
+        title="Output directory not writable",
+    )

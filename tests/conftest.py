@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-
-from dlrun import CONF_DIR
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
+
+from dlrun import CONF_DIR
 
 DLRUN = [sys.executable, "-m", "dlrun.cli"]
 
@@ -72,3 +72,14 @@ def compose_cfg() -> Callable[..., DictConfig]:
             return compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
 
     return _compose
+
+
+@pytest.fixture(scope="session")
+def dlrun_image() -> str:
+    """The Dockerfile built with podman (once per session; layers cached across sessions): its name."""
+    from tests import image
+
+    reason = image.unavailable()
+    if reason:
+        pytest.skip(reason)
+    return image.build()

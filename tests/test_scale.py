@@ -20,12 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-
-from dlrun import CONF_DIR
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from sklearn.metrics import f1_score
 
+from dlrun import CONF_DIR
 from dlrun.config import find_problems
 from dlrun.distributed import rank_command
 
@@ -76,7 +75,8 @@ def test_slurm_launcher_takes_its_task_layout_from_the_hardware_group():
         cfg = compose("config", overrides=["hydra/launcher=slurm", "hardware=ddp_cpu", "hardware.num_nodes=3",
                                             "hydra.launcher.partition=gpu"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher._target_.endswith("slurm_container.ContainerSlurmLauncher")  # submitit's, with containers
+    assert launcher.container is None  # the host's Python unless an image is given
     assert (launcher.tasks_per_node, launcher.nodes, launcher.partition) == (2, 3, "gpu")
     assert launcher.additional_parameters.requeue is True
 
@@ -167,6 +167,7 @@ def test_ddp_inside_a_sweep_runs_each_job_once(run_dlrun):
 
 # --- a real SLURM cluster: slurmctld + slurmd + munged on loopback ---------------------------------
 SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo")
+NODES = ("node1", "node2")  # two slurmd on this machine (slurmd -N), with their own names and ports
 
 
 def _free_port() -> int:
@@ -187,8 +188,9 @@ def _wait(condition, seconds: float, what: str, logs: list[Path]) -> None:
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """A one-node SLURM cluster of this machine, with its own munge key, ports and state in a temp dir.
-    Yields the environment a client needs (SLURM_CONF); stops the daemons afterwards."""
+    """A two-node SLURM cluster of this machine (two slurmd, node1 and node2, each with its own port, spool
+    and log), with its own munge key, ports and state in a temp dir. Yields the environment a client needs
+    (SLURM_CONF); stops the daemons afterwards. Each node offers all of this machine's CPUs."""
     missing = [p for p in SLURM_PROGRAMS if shutil.which(p) is None]
     if missing:
         pytest.skip(f"SLURM is not installed (missing {', '.join(missing)}); .ci/run installs it with "
@@ -210,13 +212,12 @@ AuthType=auth/munge
 AuthInfo=socket={munge}/munge.sock
 CredType=cred/munge
 SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool-%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SwitchType=switch/none
@@ -228,26 +229,30 @@ SelectTypeParameters=CR_CPU
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
-NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+NodeName=node1 NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={os.cpu_count()} RealMemory=1000 State=UNKNOWN
+NodeName=node2 NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={os.cpu_count()} RealMemory=1000 State=UNKNOWN
+PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 """)
     env = {**os.environ, "SLURM_CONF": str(conf)}
-    logs = [root / "slurmctld.log", root / "slurmd.log", munge / "munged.log"]
-    pid_files = [root / "slurmd.pid", root / "slurmctld.pid", munge / "munged.pid"]
+    logs = [root / "slurmctld.log", *(root / f"slurmd-{n}.log" for n in NODES), munge / "munged.log"]
+    pid_files = [*(root / f"slurmd-{n}.pid" for n in NODES), root / "slurmctld.pid", munge / "munged.pid"]
     try:
         subprocess.run(["munged", "--force", f"--key-file={key}", f"--socket={munge}/munge.sock",
                         f"--pid-file={munge}/munged.pid", f"--log-file={munge}/munged.log",
                         f"--seed-file={munge}/munged.seed"], check=True, env=env, timeout=30)
         _wait((munge / "munge.sock").exists, 20, "munged's socket", logs)
         subprocess.run(["slurmctld", "-c", "-f", str(conf)], check=True, env=env, timeout=30)
-        subprocess.run(["slurmd", "-f", str(conf)], check=True, env=env, timeout=30)
+        for node in NODES:
+            subprocess.run(["slurmd", "-f", str(conf), "-N", node], check=True, env=env, timeout=30)
 
-        def node_idle() -> bool:
-            out = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout
-            return out.strip() == "idle"
+        def nodes_idle() -> bool:
+            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=env, capture_output=True, text=True).stdout
+            return out.split() == ["idle"] * len(NODES)
 
-        _wait(node_idle, 60, "the node becoming idle", logs)
-        yield {"SLURM_CONF": str(conf)}
+        _wait(nodes_idle, 60, "both nodes becoming idle", logs)
+        # node1 and node2 are names for this machine that resolve nowhere: Lightning would take the DDP
+        # rendezvous address from SLURM_NODELIST; on a real cluster the node names resolve
+        yield {"SLURM_CONF": str(conf), "MASTER_ADDR": "127.0.0.1"}
     finally:
         # Jobs end a moment after their results appear; a step cut off from its controller would hang.
         def queue_empty() -> bool:
@@ -279,6 +284,45 @@ def test_sweep_on_slurm_runs_ddp_jobs_as_slurm_tasks(run_dlrun, slurm_cluster):
         assert "GLOBAL_RANK: 1" not in (path.parent / "dlrun.log").read_text()  # rank 1's task logs nowhere
     # each job went through sbatch: submitit's per-task results (2 jobs x 2 tasks) lie in the sweep
     assert len(list(sweep.glob(".submitit/*/*_result.pkl"))) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.multinode
+def test_ddp_job_over_two_slurm_nodes_matches_the_one_node_run(run_dlrun, slurm_cluster):
+    """One task on each node (hardware.num_nodes=2, one device each) is the same two-rank DDP group as
+    two processes on one node: same seed, same global batch, so the same metrics, over every sample."""
+    experiment = ("hardware=ddp_cpu", "model=mlp", "debug=fast", "seed=7")
+    one_node = run_dlrun(*experiment).summary()
+    result = run_dlrun("-m", "hydra/launcher=slurm", *experiment, "hardware.devices=1", "hardware.num_nodes=2",
+                       "hydra.launcher.timeout_min=10", env=slurm_cluster)
+    (sweep,) = (result.output_dir / "sweeps").iterdir()
+    (summary_file,) = sweep.glob("*/summary.json")  # one run directory for the two tasks
+    two_nodes = assert_test_metrics_cover_every_sample(summary_file.parent)
+    assert two_nodes["metrics"] == pytest.approx(one_node["metrics"], abs=1e-6)
+    assert two_nodes["best_value"] == pytest.approx(one_node["best_value"], abs=1e-6)
+    (job_dir,) = (sweep / ".submitit").iterdir()
+    assert len(list(job_dir.glob("*_result.pkl"))) == 2  # two SLURM tasks ...
+    slurm_root = Path(slurm_cluster["SLURM_CONF"]).parent
+    for node in NODES:  # ... one started by each node's slurmd
+        assert f"StepId={job_dir.name}.0" in (slurm_root / f"slurmd-{node}.log").read_text(), node
+
+
+@pytest.mark.slow
+@pytest.mark.container
+def test_slurm_jobs_run_inside_the_image(run_dlrun, slurm_cluster, dlrun_image):
+    """hydra.launcher.container: each SLURM task runs the image's Python (podman), the sweep mounted."""
+    result = run_dlrun("-m", "hydra/launcher=slurm", f"hydra.launcher.container={dlrun_image}",
+                       "hydra.launcher.container_runtime=podman", "hardware=ddp_cpu", "model=mlp,logreg",
+                       "debug=fast", "hydra.launcher.timeout_min=10", env=slurm_cluster)
+    (sweep,) = (result.output_dir / "sweeps").iterdir()
+    summaries = sorted(sweep.glob("*/summary.json"))
+    assert [p.parent.name.split("_")[0] for p in summaries] == ["0", "1"]
+    for path in summaries:
+        assert_test_metrics_cover_every_sample(path.parent)
+        # Hydra recorded the job's working directory: the image's, not this machine's
+        assert OmegaConf.load(path.parent / ".hydra" / "hydra.yaml").hydra.runtime.cwd == "/home/dlrun"
+    scripts = list(sweep.glob(".submitit/*/*_submission.sh"))
+    assert scripts and all("podman run" in s.read_text() and dlrun_image in s.read_text() for s in scripts)
 
 
 # --- the container -----------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ hydra-submitit-launcher submits every job with sbatch; each task then runs
 option ("this allows to use singularity for example"). With `container` set, that <python> becomes the
 container runtime running the image's Python, so the job's code, libraries and CUDA come from the image
 while the sweep directory, dlrun's output root and the data directory are mounted at the same paths
-(the pickled job and its results pass through them). The runtime is started once per task on its node:
+(the pickled job and its results pass through them), and the config directories read-only (the job
+composes its config again from them). The runtime is started once per task on its node:
 
     podman/docker  run --rm --network=host --user=<uid>:<gid>, the task's SLURM_*/SUBMITIT_* variables passed
     apptainer      exec (the host environment, SLURM's variables included, passes by default)
@@ -47,8 +48,8 @@ ConfigStore.instance().store(group="hydra/launcher", name="dlrun_slurm", node=Co
                              provider="dlrun")
 
 
-def container_command(runtime: str, image: str, mounts: list[Path], env: dict[str, str],
-                      options: list[str]) -> str:
+def container_command(runtime: str, image: str, mounts: list[Path], read_only: list[Path],
+                      env: dict[str, str], options: list[str]) -> str:
     """The shell words submitit runs in place of `python` in each task: `sh -c '<runtime> ... "$@"'`, so
     that the task's own variables (SLURM_PROCID differs per task) are read on its node."""
     if runtime not in RUNTIMES:
@@ -57,7 +58,8 @@ def container_command(runtime: str, image: str, mounts: list[Path], env: dict[st
         raise UserError(f"hydra.launcher.container_runtime={runtime} is not one of {', '.join(RUNTIMES)}.",
                         "Pick podman, docker or apptainer.", title="Unknown container runtime")
     mount = "--bind" if runtime == "apptainer" else "--volume"
-    common = [*(f"{mount}={p}:{p}" for p in mounts), *(f"--env={k}={v}" for k, v in env.items()), *options]
+    common = [*(f"{mount}={p}:{p}" for p in mounts), *(f"{mount}={p}:{p}:ro" for p in read_only),
+              *(f"--env={k}={v}" for k, v in env.items()), *options]
     if runtime == "apptainer":
         script = shlex.join(["apptainer", "exec", *common, image, IMAGE_PYTHON])
     else:
@@ -98,10 +100,14 @@ class ContainerSlurmLauncher(SlurmLauncher):
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
         for path in (sweep_dir, output_root, data_dir):
             path.mkdir(parents=True, exist_ok=True)  # a runtime refuses to mount what does not exist
-        mounts = sorted({sweep_dir, output_root, data_dir})
-        mounts = [p for p in mounts if not any(p != q and p.is_relative_to(q) for q in mounts)]
+        writable = sorted({sweep_dir, output_root, data_dir})
+        writable = [p for p in writable if not any(p != q and p.is_relative_to(q) for q in writable)]
+        # the job composes its config again, from the same sources: dlrun's conf/ and any hydra.searchpath
+        config_dirs = sorted({Path(s.path) for s in self.hydra_context.config_loader.get_sources()
+                              if s.scheme() == "file"} - set(writable))
         # paths.* resolve again inside the job: to the same host paths, not the image's /outputs and /data
         env = {"DLRUN_OUTPUT_DIR": str(output_root), "DLRUN_DATA_DIR": str(data_dir)}
-        python = container_command(self.container_runtime, self.container, mounts, env, self.container_options)
+        python = container_command(self.container_runtime, self.container, writable, config_dirs, env,
+                                   self.container_options)
         with _submitit_python(python):
             return super().launch(job_overrides, initial_job_idx)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -206,3 +207,105 @@ def test_dlrun_trains_on_arrays(run_dlrun, tmp_path):
     write_arrays(tmp_path / "features.npz", SHAPES["image"], n=600)
     summary = run_dlrun("dataset=arrays", "dataset.path=features.npz", "model=cnn", "trainer.max_epochs=15").summary()
     assert summary["metrics"]["test/acc"] > 0.6, summary["metrics"]  # three classes; the commonest holds ~38%
+
+
+# --- image folders --------------------------------------------------------------------------------------
+COLOURS = {"cats": (200, 60, 60), "dogs": (60, 60, 200), "owls": (60, 200, 60)}
+
+
+def write_images(root: Path, per_class: int = 12, classes=("cats", "dogs"), corrupt: bool = True) -> list[Path]:
+    """PNG and JPEG files of mixed sizes whose colour is their class, and (`corrupt`) one file that is not an image."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    written = []
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            width, height = [(20, 30), (40, 24), (33, 33)][i % 3]
+            pixels = np.clip(rng.normal(COLOURS[name], 40, size=(height, width, 3)), 0, 255).astype(np.uint8)
+            path = root / name / f"{i:03d}.{'png' if i % 2 else 'jpg'}"
+            Image.fromarray(pixels).save(path)
+            written.append(path)
+    if corrupt:
+        (root / classes[0] / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    return written
+
+
+def test_image_folder_decodes_once_skips_bad_files_and_reads_the_cache_later(datamodule, tmp_path):
+    write_images(tmp_path / "pets")
+    args = (f"dataset.root={tmp_path / 'pets'}", f"dataset.cache_dir={tmp_path / 'cache'}", "dataset.size=16")
+    first = datamodule("image_folder", *args)
+    spec = first.prepare()
+    assert (spec.input_shape, spec.class_names) == ((3, 16, 16), ("cats", "dogs"))
+    assert first.notes == {"cache": "built", "images": 24, "decoded": 24, "bad_images": 1}
+    second = datamodule("image_folder", *args)
+    second.prepare()
+    assert second.notes == {"cache": "read", "images": 24, "decoded": 0, "bad_images": 1}
+    for split in ("train", "val", "test"):
+        assert torch.equal(first.splits[split][0], second.splits[split][0])
+    # the colour survives decoding: the red channel separates the classes
+    x, y = first.splits["train"]
+    red = x[:, 0].mean(dim=(1, 2))
+    assert red[y == 0].min() > red[y == 1].max()
+    with pytest.raises(DataError, match="broken.jpg"):
+        datamodule("image_folder", *args, "dataset.bad_images=error").prepare()
+
+
+def test_a_changed_file_makes_a_new_cache_and_a_damaged_cache_is_rebuilt(datamodule, tmp_path):
+    from PIL import Image
+
+    files = write_images(tmp_path / "pets", corrupt=False)
+    args = (f"dataset.root={tmp_path / 'pets'}", f"dataset.cache_dir={tmp_path / 'cache'}", "dataset.size=8")
+    datamodule("image_folder", *args).prepare()
+    (cache,) = (tmp_path / "cache").glob("*.npy")
+    Image.fromarray(np.zeros((10, 10, 3), dtype=np.uint8)).save(files[0])
+    changed = datamodule("image_folder", *args)
+    changed.prepare()
+    assert changed.notes["cache"] == "built" and changed.notes["decoded"] == 24
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    cache.unlink()
+    (new,) = (tmp_path / "cache").glob("*.npy")
+    with open(new, "r+b") as f:
+        f.truncate(new.stat().st_size - 100)
+    rebuilt = datamodule("image_folder", *args)
+    rebuilt.prepare()
+    assert rebuilt.notes["cache"].startswith("rebuilt") and rebuilt.notes["decoded"] == 24
+    for split in ("train", "val", "test"):
+        assert torch.equal(rebuilt.splits[split][0], changed.splits[split][0])
+    with open(new, "r+b") as f:  # same size, other bytes: the checksum catches it
+        f.seek(-50, 2)
+        f.write(b"\x07" * 50)
+    again = datamodule("image_folder", *args)
+    again.prepare()
+    assert again.notes["cache"].startswith("rebuilt")
+
+
+def test_split_folders_are_the_splits_and_grey_is_one_channel(datamodule, tmp_path):
+    for split, n in (("train", 9), ("val", 3), ("test", 4)):
+        write_images(tmp_path / "pets" / split, per_class=n, classes=("cats", "dogs", "owls"), corrupt=False)
+    dm = datamodule("image_folder", f"dataset.root={tmp_path / 'pets'}", f"dataset.cache_dir={tmp_path / 'cache'}",
+                    "dataset.size=12", "dataset.channels=1")
+    spec = dm.prepare()
+    assert (spec.input_shape, spec.num_outputs) == ((1, 12, 12), 3)
+    assert {k: len(v[0]) for k, v in dm.splits.items()} == {"train": 27, "val": 9, "test": 12}
+    (tmp_path / "pets" / "test").rename(tmp_path / "held")  # train/ and val/ only: the test split is cut from train/
+    only_val = datamodule("image_folder", f"dataset.root={tmp_path / 'pets'}",
+                          f"dataset.cache_dir={tmp_path / 'cache'}", "dataset.size=12")
+    only_val.prepare()
+    assert len(only_val.splits["val"][0]) == 9 and len(only_val.splits["train"][0]) + len(only_val.splits["test"][0]) == 27
+
+
+@pytest.mark.slow
+def test_dlrun_trains_on_an_image_folder_with_augmentation_and_the_second_run_decodes_nothing(run_dlrun, tmp_path):
+    write_images(tmp_path / "pets", per_class=40)
+    args = ("dataset=image_folder", "dataset.root=pets", "dataset.size=16", "model=cnn", "regularizer=augment",
+            "trainer.max_epochs=4")
+    first = run_dlrun(*args).summary()
+    assert first["data_notes"] == {"cache": "built", "images": 80, "decoded": 80, "bad_images": 1}
+    assert first["metrics"]["test/acc"] > 0.8, first["metrics"]  # two classes of different colours
+    assert (tmp_path / "data" / "image_cache").is_dir()  # under paths.data_dir
+    second = run_dlrun(*args, "seed=1")
+    summary = max((second.output_dir / "runs").glob("*/*/summary.json"), key=lambda p: p.stat().st_mtime)
+    assert json.loads(summary.read_text())["data_notes"]["decoded"] == 0
+    assert "bad_images 1" in second.stdout

@@ -309,3 +309,45 @@ def test_dlrun_trains_on_an_image_folder_with_augmentation_and_the_second_run_de
     summary = max((second.output_dir / "runs").glob("*/*/summary.json"), key=lambda p: p.stat().st_mtime)
     assert json.loads(summary.read_text())["data_notes"]["decoded"] == 0
     assert "bad_images 1" in second.stdout
+
+
+# --- bad input: exit 2, one panel naming the file, column or folder ----------------------------------------
+def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """{case: (overrides, what the panel must name)}, with the files each case needs written into `tmp`."""
+    write_table(tmp / "houses.csv")
+    (tmp / "empty.csv").write_text("")
+    pd.DataFrame({"age": [1.0, 2.0, 3.0, 4.0], "label": ["a"] * 4}).to_csv(tmp / "one_class.csv", index=False)
+    (tmp / "a_folder").mkdir()
+    write_images(tmp / "one_class_pets", per_class=3, classes=("cats",), corrupt=False)
+    (tmp / "no_images" / "cats").mkdir(parents=True)
+    (tmp / "no_images" / "cats" / "notes.txt").write_text("no image here")
+    csv = ["dataset=csv", "dataset.target=price"]
+    return {
+        "missing file": ([*csv, "dataset.path=absent.csv"], ["absent.csv"]),
+        "empty file": ([*csv, "dataset.path=empty.csv"], ["empty.csv", "empty"]),
+        "no such target": (["dataset=csv", "dataset.path=houses.csv", "dataset.target=cost"],
+                           ["'cost'", "age, city, income, price, churned, tier"]),
+        "one class": (["dataset=csv", "dataset.path=one_class.csv", "dataset.target=label"], ["'label'", "one class"]),
+        "cannot encode": ([*csv, "dataset.path=houses.csv", "dataset.max_categories=2"], ["'city'", "max_categories"]),
+        "directory for a file": ([*csv, "dataset.path=a_folder"], ["a_folder", "is a directory"]),
+        "file for a directory": (["dataset=image_folder", "dataset.root=houses.csv"], ["houses.csv", "is a file"]),
+        "one image class": (["dataset=image_folder", "dataset.root=one_class_pets"], ["one_class_pets", "cats"]),
+        "no images": (["dataset=image_folder", "dataset.root=no_images"], ["no_images", "no images"]),
+        "missing arrays": (["dataset=arrays", "dataset.path=features.npz"], ["features.npz"]),
+    }
+
+
+BAD_INPUTS = ["missing file", "empty file", "no such target", "one class", "cannot encode", "directory for a file",
+              "file for a directory", "one image class", "no images", "missing arrays"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_exits_2_naming_it(run_dlrun, tmp_path, case):
+    overrides, named = _bad_inputs(tmp_path)[case]
+    result = run_dlrun(*overrides, check=False)
+    panel = " ".join((result.stdout + result.stderr).split())  # the panel wraps long lines
+    assert result.returncode == 2, panel
+    assert "Traceback" not in panel
+    for text in named:
+        assert text in panel, (text, panel)

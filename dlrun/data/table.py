@@ -216,25 +216,28 @@ class Table(InMemoryDataModule):
         columns = state["columns"]
         if [c["name"] for c in columns] != self.features:
             raise ValueError(f"it was fitted on the columns {[c['name'] for c in columns]}, not {self.features}")
-        width = sum(1 if c["kind"] == "numeric" else len(c["categories"]) for c in columns)
-        out = np.zeros((len(x), width), dtype=np.float32)
-        at = 0
+        widths = [1 if c["kind"] == "numeric" else len(c["categories"]) for c in columns]
+        starts = np.cumsum([0, *widths[:-1]])
+        out = np.empty((len(x), sum(widths)), dtype=np.float32)
+        numeric = [j for j, c in enumerate(columns) if c["kind"] == "numeric"]
+        if numeric:  # all numeric columns at once: one pass over a contiguous block
+            block = x[:, numeric]
+            fill, mean, std = (np.array([float(columns[j][k]) for j in numeric]) for k in ("fill", "mean", "std"))
+            block = np.where(np.isnan(block), fill, block)
+            out[:, starts[numeric]] = (block - mean) / std
         for j, column in enumerate(columns):
-            values = x[:, j]
             if column["kind"] == "numeric":
-                filled = np.where(np.isnan(values), float(column["fill"]), values)
-                out[:, at] = (filled - float(column["mean"])) / float(column["std"])
-                at += 1
                 continue
             categories = column["categories"]
             position = {str(c): i for i, c in enumerate(categories)}
             levels = self.levels[column["name"]]
             # this file's value index -> one-hot position (-1: never seen in training); the last entry: missing
             lookup = np.array([position.get(v, -1) for v in levels] + [position.get(column["fill"], -1)])
-            hot = lookup[np.where(np.isnan(values), len(levels), values).astype(np.int64)]
+            hot = lookup[np.nan_to_num(x[:, j], nan=len(levels)).astype(np.int64)]
+            codes = np.zeros((len(x), len(categories)), dtype=np.float32)
             rows = np.nonzero(hot >= 0)[0]
-            out[rows, at + hot[rows]] = 1.0
-            at += len(categories)
+            codes[rows, hot[rows]] = 1.0
+            out[:, starts[j] : starts[j] + len(categories)] = codes
         if state["task"] == "regression":
             y = (y - float(state["target_mean"])) / float(state["target_std"])
         return out, y

@@ -57,7 +57,7 @@ class ImageFolder(InMemoryDataModule):
 
     # --- the folder -----------------------------------------------------------------------------
     def folder(self) -> Path:
-        if self.root is None:
+        if not self.root:
             raise DataError(f"dataset={self.name} needs a folder, and dataset.root is not set.", f"e.g. {EXAMPLE}")
         root = Path(self.root).expanduser()
         if not root.exists():

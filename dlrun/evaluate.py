@@ -85,7 +85,7 @@ def _load(run_dir: RunDir, checkpoint_path: Path, cfg: DictConfig):
         logging.getLogger(name).setLevel(logging.WARNING)  # "GPU available: ..." is noise here
     warnings.filterwarnings("ignore", r".*The `srun` command is available.*")
     pl.seed_everything(cfg.seed, verbose=False)
-    datamodule, _, module = build_experiment(cfg, _choices(run_dir))
+    datamodule, _, module = build_experiment(cfg, _choices(run_dir), run_dir.read_preprocessing())
     checkpoint = load_checkpoint(checkpoint_path, module.state_dict())
     module.load_state_dict(checkpoint["state_dict"])
     return datamodule, module, checkpoint

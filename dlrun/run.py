@@ -6,6 +6,7 @@ that owns it. It is imported only after the config has been validated, since it 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -103,6 +104,10 @@ def run_experiment(cfg: DictConfig) -> float | None:
     datamodule, spec, module = build_experiment(cfg, choices)
     summary["params"] = sum(p.numel() for p in module.network.parameters())
     summary["data"] = spec.describe()
+    if datamodule.notes:
+        summary["data_notes"] = datamodule.notes
+    if datamodule.preprocessing is not None and is_rank_zero() and not resuming:
+        run_dir.write_text(run_dir.preprocessing_file.name, json.dumps(datamodule.preprocessing, indent=2) + "\n")
     resume_from = _resume_checkpoint(run_dir, module) if resuming else None
     if resume_from:
         summary["resumed"] = [*(previous or {}).get("resumed", []), {"at": _now(), "epoch": resume_from[1]}]
@@ -114,6 +119,8 @@ def run_experiment(cfg: DictConfig) -> float | None:
         if cfg.print_config:
             print_config_tree(cfg, choices)
         console.print(f"[bold]data[/bold] {spec.describe()} · run directory {run_dir.path}")
+        if datamodule.notes:
+            console.print("[bold]data notes[/bold] " + ", ".join(f"{k} {v}" for k, v in datamodule.notes.items()))
 
     try:
         with interruption.catching(), children_join_this_run(trainer, hydra_cfg):  # DDP: ranks > 0 run this job
@@ -206,10 +213,15 @@ def _steps_per_execution(setting: int | str, world_size: int) -> int:
     return setting
 
 
-def build_experiment(cfg: DictConfig, choices: dict[str, Any]) -> tuple[InMemoryDataModule, DataSpec, Experiment]:
+def build_experiment(
+    cfg: DictConfig, choices: dict[str, Any], preprocessing: dict | None = None
+) -> tuple[InMemoryDataModule, DataSpec, Experiment]:
     """data -> spec -> network -> LightningModule: the spec decides how the network is shaped, or that it
-    cannot be built. dlrun-eval rebuilds a trained run with this same function, so its weights fit."""
+    cannot be built. dlrun-eval rebuilds a trained run with this same function, so its weights fit, and
+    passes the run's saved `preprocessing` so that the data is transformed as in training."""
     datamodule: InMemoryDataModule = instantiate(cfg.dataset, seed=cfg.seed, name=choices.get("dataset"))
+    if preprocessing is not None:
+        datamodule.use_preprocessing(preprocessing)
     spec = datamodule.prepare()
     regularizers: list[Regularizer] = [instantiate(r) for r in cfg.regularizer.values() if r is not None]
     model_overrides: dict[str, Any] = {}

@@ -105,6 +105,11 @@ class RunDir:
     def config_file(self) -> Path:
         return self.path / "config.yaml"
 
+    @property
+    def preprocessing_file(self) -> Path:
+        """The data set's fitted preprocessing (dataset=csv), as plain JSON: dlrun-eval applies it as saved."""
+        return self.path / "preprocessing.json"
+
     @classmethod
     def existing(cls, path: str | os.PathLike) -> RunDir:
         """An existing run directory, or a UserError that says what `path` is instead."""
@@ -129,6 +134,19 @@ class RunDir:
             raise UserError(f"{path} is not a dlrun config (no model or dataset).",
                             "The run directory is damaged; start a new run.", title="Unreadable run directory")
         return cfg
+
+    def read_preprocessing(self) -> dict[str, Any] | None:
+        """preprocessing.json (None for data sets without one); the data module checks its content."""
+        if not self.preprocessing_file.is_file():
+            return None
+        try:
+            fitted = json.loads(self.preprocessing_file.read_text())
+        except (OSError, ValueError) as err:
+            fitted = err
+        if not isinstance(fitted, dict):
+            raise UserError(f"{self.preprocessing_file} cannot be read as the run's preprocessing: {fitted}.",
+                            "The run directory is damaged; train the run again.", title="Unreadable run directory")
+        return fitted
 
     def read_summary_if_any(self) -> dict[str, Any] | None:
         """summary.json, or None where the run was killed before writing one (or left it unreadable)."""

@@ -2,8 +2,8 @@
 
 Every data set that fits in memory subclasses `InMemoryDataModule` and implements `load()`. The base
 class does the rest the same way for all of them: a deterministic train/val/test split from the data seed
-(stratified for classification), an optional cap on the training size, normalization fitted on the
-training split only, the DataSpec, and batching without a DataLoader (no worker processes, no
+(stratified for classification), an optional cap on the training size, a data set's own preprocessing
+and normalization, both fitted on the training split only, the DataSpec, and batching without a DataLoader (no worker processes, no
 per-sample Python, no host-to-device copy per batch).
 """
 
@@ -29,7 +29,8 @@ class Arrays:
     """What `load()` returns: inputs and targets, and official test (and validation) splits where they exist.
 
     With `x_test`, only the validation split is cut from `x`; with `x_val` too, nothing is cut (text cut
-    into contiguous regions, XOR's four points), and `x` is the training split as it is.
+    into contiguous regions, XOR's four points), and `x` is the training split as it is; with `x_val`
+    alone, only the test split is cut from `x`.
     """
 
     x: np.ndarray
@@ -116,6 +117,7 @@ class InMemoryDataModule(pl.LightningDataModule):
 
     task: ClassVar[str] = "multiclass"
     integer_inputs: ClassVar[bool] = False  # token indices: kept as integers, never normalized
+    pixel_inputs: ClassVar[bool] = False  # uint8 pixels: scaled to [0, 1] split by split
 
     def __init__(
         self,
@@ -144,10 +146,23 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.norm_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self.steps_per_execution = 1  # training batches per Lightning step: see group_training_batches
         self.train_batch_limit: int | float = 1.0
+        # fit_transform's fitted state, as plain JSON data (None: the data set has no preprocessing of its
+        # own). Set before prepare(), it is applied as given instead of fitted: see use_preprocessing.
+        self.preprocessing: dict | None = None
+        self.notes: dict = {}  # what loading found (skipped files, a cache hit), printed and put in summary.json
 
     # --- what a subclass provides -------------------------------------------------------------
     def load(self) -> Arrays:
         raise NotImplementedError
+
+    def fit_transform(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fit the data set's own preprocessing on the training split (into `self.preprocessing`, unless
+        one was given) and apply it to that split. The default has none."""
+        return x, y
+
+    def transform(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Apply the preprocessing of `fit_transform` to a validation or test split."""
+        return x, y
 
     def make_spec(self, x_train: torch.Tensor, arrays: Arrays) -> DataSpec:
         """The DataSpec; the default covers classification (one output per class) and scalar regression."""
@@ -167,7 +182,9 @@ class InMemoryDataModule(pl.LightningDataModule):
         if self.spec is not None:
             return self.spec
         arrays = self.load()
-        parts = self._split(arrays)
+        raw = self._split(arrays)
+        parts = {"train": self._tensors(*self.fit_transform(*raw.pop("train")))}
+        parts.update({k: self._tensors(*self.transform(x, y)) for k, (x, y) in raw.items()})
         if self.normalize and not self.integer_inputs:
             mean, std = self._fit_normalization(parts["train"][0])
             parts = {k: ((x - mean) / std, y) for k, (x, y) in parts.items()}
@@ -176,7 +193,12 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.spec = self.make_spec(parts["train"][0], arrays)
         return self.spec
 
-    def _split(self, arrays: Arrays) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def use_preprocessing(self, fitted: dict) -> None:
+        """Apply `fitted` (a run's saved `preprocessing`) instead of fitting: dlrun-eval's way to transform
+        the data exactly as the run did."""
+        self.preprocessing = fitted
+
+    def _split(self, arrays: Arrays) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         classification = self.task in ("multiclass", "binary")
         x, y = np.asarray(arrays.x), np.asarray(arrays.y)
         idx = np.arange(len(x))
@@ -185,10 +207,14 @@ class InMemoryDataModule(pl.LightningDataModule):
             labels = y[index] if classification and _can_stratify(y[index], fraction) else None
             return train_test_split(index, test_size=fraction, random_state=self.data_seed, stratify=labels)
 
-        if arrays.x_val is not None:
+        if arrays.x_val is not None and arrays.x_test is not None:
             train_idx = idx
             val = (np.asarray(arrays.x_val), np.asarray(arrays.y_val))
             test = (np.asarray(arrays.x_test), np.asarray(arrays.y_test))
+        elif arrays.x_val is not None:
+            train_idx, test_idx = cut(idx, self.test_fraction)
+            val = (np.asarray(arrays.x_val), np.asarray(arrays.y_val))
+            test = (x[np.sort(test_idx)], y[np.sort(test_idx)])
         elif arrays.x_test is not None:
             train_idx, val_idx = cut(idx, self.val_fraction)
             val = (x[np.sort(val_idx)], y[np.sort(val_idx)])
@@ -200,15 +226,13 @@ class InMemoryDataModule(pl.LightningDataModule):
             test = (x[np.sort(test_idx)], y[np.sort(test_idx)])
         if self.n_train is not None and self.n_train < len(train_idx):
             train_idx = np.random.default_rng(self.data_seed).permutation(train_idx)[: self.n_train]
-        return {
-            "train": self._tensors(x[np.sort(train_idx)], y[np.sort(train_idx)]),
-            "val": self._tensors(*val),
-            "test": self._tensors(*test),
-        }
+        return {"train": (x[np.sort(train_idx)], y[np.sort(train_idx)]), "val": val, "test": test}
 
     def _tensors(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         x_t = torch.as_tensor(x, dtype=torch.long if self.integer_inputs else torch.float32)
         y_t = torch.as_tensor(y, dtype=torch.float32 if self.task != "multiclass" else torch.long)
+        if self.pixel_inputs:  # split by split, so the whole set never exists as float32 twice
+            x_t.div_(255.0)
         return x_t, y_t
 
     @staticmethod

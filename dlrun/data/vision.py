@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import torch
 
 from dlrun.data.datamodule import Arrays, InMemoryDataModule
 from dlrun.errors import DataError
@@ -25,6 +24,7 @@ class VisionDataModule(InMemoryDataModule):
     """A torchvision data set: `folder` (under `root`) must hold `files`, or `download` fetches them."""
 
     task = "multiclass"
+    pixel_inputs = True
     torchvision_name: ClassVar[str]  # the class in torchvision.datasets that downloads the files
     folder: ClassVar[str]  # where torchvision puts the files, relative to root
     files: ClassVar[tuple[str, ...]]
@@ -80,11 +80,6 @@ class VisionDataModule(InMemoryDataModule):
 
     def read(self) -> Arrays:
         raise NotImplementedError
-
-    def _tensors(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bytes become floats in [0, 1] split by split, so the whole set never exists as float32 twice."""
-        x_t, y_t = super()._tensors(x, y)
-        return x_t.div_(255.0), y_t
 
 
 class MNISTFamily(VisionDataModule):

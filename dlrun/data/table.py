@@ -1,0 +1,243 @@
+"""A user's table (CSV, TSV or Parquet): one column is the target, the others become flat features.
+
+Loading turns each feature column into one column of numbers, with NaN where a value is missing:
+numeric and boolean columns as they are, text (and categorical) columns as the index of each value
+among the file's distinct values. The split is drawn on those rows, and the preprocessing is fitted
+on the training split only (`fit_transform`): a missing value becomes the training median (numeric)
+or the most frequent training value (text); numeric columns are standardized with the training mean
+and std; a text column becomes one 0/1 feature per value seen in training, and a value never seen
+there (only in validation or test) becomes all zeros. The fitted state is plain JSON
+(`self.preprocessing`), saved as the run's `preprocessing.json` and applied as saved by dlrun-eval.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dlrun.data.datamodule import Arrays, InMemoryDataModule
+from dlrun.data.targets import check_task, encode_target
+from dlrun.errors import DataError, UserError
+
+FORMAT = 1  # of preprocessing.json
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def require_file(path: str | None, name: str, knob: str, example: str) -> Path:
+    """`path` as an existing, non-empty file, or a DataError that names it and says what to set."""
+    hint = f"Point dataset.{knob} at your file: dlrun dataset={name} {example}"
+    if path is None:
+        raise DataError(f"dataset={name} needs a file, and dataset.{knob} is not set.", hint)
+    where = Path(path).expanduser()
+    if where.is_dir():
+        raise DataError(f"dataset={name}: {where.resolve()} (dataset.{knob}) is a directory; a file is wanted.", hint)
+    if not where.exists():
+        raise DataError(f"dataset={name}: no file at {where.resolve()} (dataset.{knob}).", hint)
+    if where.stat().st_size == 0:
+        raise DataError(f"dataset={name}: {where.resolve()} (dataset.{knob}) is empty.", hint)
+    return where
+
+
+class Table(InMemoryDataModule):
+    """`target` is the label column of the table at `path`; `features` (default: every other column) the inputs.
+
+    `normalize` standardizes the numeric columns (one-hot columns stay 0/1); `standardize_target` does
+    the same to a regression target, so that its loss is in units of the target's training std.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        target: str | None = None,
+        features: list[str] | None = None,
+        task: str | None = None,
+        missing: str = "impute",
+        max_categories: int = 50,
+        standardize_target: bool = True,
+        normalize: bool = True,
+        **kwargs,
+    ):
+        super().__init__(normalize=False, **kwargs)  # the preprocessing standardizes what it should
+        self.path = path
+        self.target = None if target is None else str(target)
+        self.features = None if features is None else [str(f) for f in features]
+        self.task = check_task(task, self.name)
+        self.task_setting = task
+        if missing not in ("impute", "error"):
+            raise UserError(f"dataset.missing = {missing!r}: expected impute or error")
+        if isinstance(max_categories, bool) or not isinstance(max_categories, int) or max_categories < 1:
+            raise UserError(f"dataset.max_categories = {max_categories!r}: expected an integer >= 1")
+        self.missing = missing
+        self.max_categories = max_categories
+        self.standardize = normalize
+        self.standardize_target = standardize_target
+        self.levels: dict[str, np.ndarray] = {}  # a text column's distinct values, by index, in this file
+        self.target_classes: tuple[str, ...] = ()
+
+    # --- reading ------------------------------------------------------------------------------
+    def read(self) -> pd.DataFrame:
+        path = require_file(self.path, self.name, "path", "dataset.path=houses.csv dataset.target=price")
+        try:
+            if path.suffix.lower() in PARQUET_SUFFIXES:
+                try:
+                    import pyarrow  # noqa: F401  (pandas reads Parquet through it)
+                except ImportError as err:
+                    raise DataError(f"dataset={self.name}: reading {path.name} (Parquet) needs pyarrow, which is "
+                                    "not installed.", 'pip install "dlrun[parquet]" (or pip install pyarrow)') from err
+                frame = pd.read_parquet(path)
+            else:
+                frame = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+        except DataError:
+            raise
+        except pd.errors.EmptyDataError as err:
+            raise DataError(f"dataset={self.name}: {path.resolve()} is empty (no header, no rows).",
+                            "Point dataset.path at a table with a header line and rows.") from err
+        except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as err:
+            raise DataError(f"dataset={self.name}: cannot read {path.resolve()} as a table: {err}".strip(),
+                            "CSV (comma-separated, a header line), TSV (.tsv) or Parquet (.parquet) are read.") from err
+        if len(frame) == 0:
+            raise DataError(f"dataset={self.name}: {path.resolve()} has a header but no rows.",
+                            "Point dataset.path at a table with data.")
+        frame.columns = [str(c) for c in frame.columns]
+        return frame
+
+    def load(self) -> Arrays:
+        frame = self.read()
+        columns = list(frame.columns)
+        listed = ", ".join(columns[:40]) + (", ..." if len(columns) > 40 else "")
+        if self.target is None:
+            raise DataError(f"dataset={self.name}: dataset.target is not set; the columns of {self.path} are: {listed}.",
+                            f"Name the label column: dlrun dataset={self.name} dataset.path={self.path} dataset.target=COLUMN")
+        if self.target not in columns:
+            raise DataError(f"dataset={self.name}: {self.path} has no column {self.target!r} (dataset.target); "
+                            f"its columns are: {listed}.", "Set dataset.target to one of them (names are case-sensitive).")
+        features = self.features if self.features is not None else [c for c in columns if c != self.target]
+        unknown = [f for f in features if f not in columns]
+        if unknown or self.target in features or not features:
+            problem = (f"has no column {', '.join(map(repr, unknown))}" if unknown else
+                       f"cannot use the target {self.target!r} as a feature" if self.target in features else
+                       "has no feature column besides the target")
+            raise DataError(f"dataset={self.name}: {self.path} {problem} (dataset.features); its columns are: {listed}.",
+                            "List feature columns other than the target: dataset.features=[age,city]")
+        self.features = features
+        x = np.empty((len(frame), len(features)), dtype=np.float64)
+        for j, name in enumerate(features):
+            x[:, j] = self._encode_column(frame[name])
+        labels = frame[self.target]
+        keep = labels.notna().to_numpy()
+        if not keep.all():
+            if self.missing == "error":
+                raise DataError(f"dataset={self.name}: the target column {self.target!r} has {int((~keep).sum()):,} "
+                                "missing values.", "Fill them in the file, or set dataset.missing=impute to drop those rows.")
+            self.notes["rows without a target, dropped"] = int((~keep).sum())
+            x, labels = x[keep], labels[keep]
+        if self.missing == "error":
+            gaps = np.isnan(x).sum(axis=0)
+            if gaps.any():
+                named = ", ".join(f"{features[j]!r} ({gaps[j]:,})" for j in np.nonzero(gaps)[0][:10])
+                raise DataError(f"dataset={self.name}: {self.path} has missing values in the columns {named}.",
+                                "Fill them in the file, or set dataset.missing=impute (median / most frequent value).")
+        given = self.preprocessing
+        target = encode_target(labels.to_numpy(), given["task"] if given else self.task_setting,
+                               f"the target column {self.target!r}", tuple(given["class_names"]) if given else None)
+        self.task, self.target_classes = target.task, target.class_names
+        return Arrays(x, target.y, class_names=target.class_names)
+
+    def _encode_column(self, column: pd.Series) -> np.ndarray:
+        """One column as numbers (NaN: missing): numeric and boolean as they are, text as value indices."""
+        dtype = column.dtype
+        if pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_numeric_dtype(dtype):
+            return column.to_numpy(dtype=np.float64, na_value=np.nan)
+        if pd.api.types.is_object_dtype(dtype) or pd.api.types.is_string_dtype(dtype) or isinstance(dtype, pd.CategoricalDtype):
+            try:
+                codes, levels = pd.factorize(column)
+            except TypeError:  # unhashable values: lists or dicts in a Parquet column
+                codes = None
+            if codes is not None:
+                self.levels[column.name] = np.asarray([str(v) for v in levels], dtype=object)
+                return np.where(codes < 0, np.nan, codes.astype(np.float64))
+        raise DataError(f"dataset={self.name}: the column {column.name!r} of {self.path} holds {dtype} values, which "
+                        "dlrun cannot encode (numbers, booleans and text are encoded).",
+                        "Leave it out with dataset.features=[...], or convert it in the file (e.g. a date to a number).")
+
+    # --- the fitted preprocessing --------------------------------------------------------------
+    def fit_transform(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.preprocessing is None:
+            self.preprocessing = self.fit(x, y)
+        return self.transform(x, y)
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+        """The preprocessing's state, from the training split `x`, `y` only."""
+        columns = []
+        for j, name in enumerate(self.features):
+            values = x[:, j]
+            present = values[~np.isnan(values)]
+            if len(present) == 0:
+                raise DataError(f"dataset={self.name}: the column {name!r} has no value in the training split, so "
+                                "there is nothing to fill its missing values with.",
+                                "Leave it out with dataset.features=[...].")
+            if name not in self.levels:
+                fill = float(np.median(present))
+                filled = np.where(np.isnan(values), fill, values)
+                mean, std = (float(filled.mean()), float(filled.std())) if self.standardize else (0.0, 1.0)
+                columns.append({"name": name, "kind": "numeric", "fill": fill, "mean": mean,
+                                "std": std if std > 1e-12 else 1.0})
+                continue
+            levels = self.levels[name]
+            counts = np.bincount(present.astype(np.int64), minlength=len(levels))
+            seen = np.nonzero(counts)[0]
+            if len(seen) > self.max_categories:
+                raise DataError(f"dataset={self.name}: the text column {name!r} has {len(seen):,} distinct values in the "
+                                f"training split, more than dataset.max_categories = {self.max_categories} (one input "
+                                "feature each).", f"Leave it out with dataset.features=[...], or raise "
+                                f"dataset.max_categories (to at least {len(seen)}) if each value means something.")
+            columns.append({"name": name, "kind": "categorical", "fill": str(levels[int(np.argmax(counts))]),
+                            "categories": sorted(str(v) for v in levels[seen])})
+        state: dict[str, Any] = {"format": FORMAT, "task": self.task, "target": self.target,
+                                 "class_names": list(self.target_classes), "columns": columns}
+        if self.task == "regression":
+            mean, std = (float(y.mean()), float(y.std())) if self.standardize_target else (0.0, 1.0)
+            state.update(target_mean=mean, target_std=std if std > 1e-12 else 1.0)
+        return state
+
+    def transform(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        state = self.preprocessing
+        try:
+            return self._apply(state, x, y)
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise DataError(f"dataset={self.name}: the run's preprocessing.json does not fit {self.path} "
+                            f"({type(err).__name__}: {err}).", "Evaluate on the data the run was trained on, with its "
+                            "config; or train the run again.") from err
+
+    def _apply(self, state: dict[str, Any], x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        columns = state["columns"]
+        if [c["name"] for c in columns] != self.features:
+            raise ValueError(f"it was fitted on the columns {[c['name'] for c in columns]}, not {self.features}")
+        widths = [1 if c["kind"] == "numeric" else len(c["categories"]) for c in columns]
+        starts = np.cumsum([0, *widths[:-1]])
+        out = np.empty((len(x), sum(widths)), dtype=np.float32)
+        numeric = [j for j, c in enumerate(columns) if c["kind"] == "numeric"]
+        if numeric:  # all numeric columns at once: one pass over a contiguous block
+            block = x[:, numeric]
+            fill, mean, std = (np.array([float(columns[j][k]) for j in numeric]) for k in ("fill", "mean", "std"))
+            block = np.where(np.isnan(block), fill, block)
+            out[:, starts[numeric]] = (block - mean) / std
+        for j, column in enumerate(columns):
+            if column["kind"] == "numeric":
+                continue
+            categories = column["categories"]
+            position = {str(c): i for i, c in enumerate(categories)}
+            levels = self.levels[column["name"]]
+            # this file's value index -> one-hot position (-1: never seen in training); the last entry: missing
+            lookup = np.array([position.get(v, -1) for v in levels] + [position.get(column["fill"], -1)])
+            hot = lookup[np.nan_to_num(x[:, j], nan=len(levels)).astype(np.int64)]
+            codes = np.zeros((len(x), len(categories)), dtype=np.float32)
+            rows = np.nonzero(hot >= 0)[0]
+            codes[rows, hot[rows]] = 1.0
+            out[:, starts[j] : starts[j] + len(categories)] = codes
+        if state["task"] == "regression":
+            y = (y - float(state["target_mean"])) / float(state["target_std"])
+        return out, y

@@ -26,6 +26,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from dlrun import IMPORTED_AT, __version__
 from dlrun.console import console, print_config_tree, print_run_summary
+from dlrun.curves import write_curves
 from dlrun.data.datamodule import InMemoryDataModule
 from dlrun.data.spec import DataSpec
 from dlrun.distributed import children_join_this_run, is_rank_zero, keep_log_to_rank_zero
@@ -273,6 +274,7 @@ def _finish(summary, trainer, started, run_dir: RunDir, metrics: dict[str, float
     )
     if trainer.is_global_zero:
         run_dir.write_summary(summary)
+        write_curves(run_dir.path, summary)  # curves.png, from metrics.csv and the summary
         finalize_loggers(trainer.loggers, summary)  # W&B: the summary, then finish (exit code by status)
 
 

@@ -91,7 +91,7 @@ def test_a_run_logs_config_epochs_summary_and_best_checkpoint(mlflow_server, run
 
     assert run.data.tags["dlrun.status"] == "completed"
     assert run.data.tags["dlrun.run_dir"] == str(result.run_dir)
-    assert run.data.tags["mlflow.runName"] == "debug=fast,trainer.max_epochs=3,optim.lr=0.002"
+    assert run.data.tags["mlflow.runName"] == ",".join([*QUIET, "debug=fast", "trainer.max_epochs=3", "optim.lr=0.002"])
     assert run.data.metrics["best_value"] == pytest.approx(summary["best_value"])
     assert run.data.metrics["wall_seconds"] == pytest.approx(summary["wall_seconds"])
     assert run.data.metrics["test/acc"] == pytest.approx(summary["metrics"]["test/acc"])
@@ -104,7 +104,7 @@ def test_sweep_jobs_share_the_sweeps_name(mlflow_server, run_dlrun):
                        "logger.mlflow.experiment_name=sweep", "debug=fast", "seed=0,1")
     (sweep_dir,) = (result.output_dir / "sweeps").iterdir()
     runs = _runs(MlflowClient(mlflow_server), "sweep")
-    assert sorted(r.data.tags["mlflow.runName"] for r in runs) == ["seed=0", "seed=1"]
+    assert sorted(r.data.tags["mlflow.runName"].split(",")[-1] for r in runs) == ["seed=0", "seed=1"]
     assert {r.data.tags.get("sweep") for r in runs} == {sweep_dir.name}
     assert {r.data.tags["dlrun.status"] for r in runs} == {"completed"}
     for run in runs:  # each job's summary

@@ -173,6 +173,8 @@ def build_trainer(
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     steps_per_execution = trainer_args.pop("steps_per_execution", "auto")  # absent from older runs' configs
     train_limit = trainer_args.pop("limit_train_batches")  # counted in batches by the data module
+    if "profiler" in trainer_args:  # debug=profile: Lightning's profiler, built from its _target_
+        trainer_args["profiler"] = instantiate(cfg.trainer.profiler)
     try:
         trainer = pl.Trainer(
             **trainer_args,

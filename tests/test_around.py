@@ -178,3 +178,18 @@ def test_lr_range_test_refuses_bad_input_with_exit_2(tmp_path):
                               text=True, timeout=300)
         assert proc.returncode == 2, args
         assert "Traceback" not in proc.stdout + proc.stderr
+
+
+# --- debug=profile --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_debug_profile_prints_top_operators_and_writes_a_trace(tmp_path):
+    proc = subprocess.run([*DLRUN, *QUIET, "debug=profile"], env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "aten::addmm" in proc.stdout and "Self CPU" in proc.stdout  # the MLP's linear layers, in the table
+    trace = json.loads((_only_run_dir(tmp_path) / "profile.pt.trace.json").read_text())
+    names = {event.get("name", "") for event in trace["traceEvents"]}
+    assert any(name.startswith("aten::") for name in names)
+    assert any("training_step" in name for name in names)  # the recorded steps, one span each

@@ -409,6 +409,13 @@ class MlflowRunLogger(QuietOnFailure, MLFlowLogger):
             self._per_epoch.update(row)
 
     @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        """MLflow's client, the run created on first use; a do-nothing stand-in once MLflow has failed."""
+        client = None if self._broken else self._guard("start", MLFlowLogger.experiment.fget, self)
+        return DummyExperiment() if client is None else client
+
+    @property
     def name(self) -> str:
         return self._experiment_name  # Lightning's asks the server: a path built from it must not need one
 

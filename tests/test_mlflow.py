@@ -100,8 +100,9 @@ def test_a_run_logs_config_epochs_summary_and_best_checkpoint(mlflow_server, run
 
 @pytest.mark.slow
 def test_sweep_jobs_share_the_sweeps_name(mlflow_server, run_dlrun):
-    result = run_dlrun("-m", *QUIET, "logger=mlflow", f"logger.mlflow.tracking_uri={mlflow_server}",
-                       "logger.mlflow.experiment_name=sweep", "debug=fast", "seed=0,1")
+    # the server from the environment: dlrun's launcher mangles a ':' in an override value (http\://...)
+    result = run_dlrun("-m", *QUIET, "logger=mlflow", "logger.mlflow.experiment_name=sweep", "debug=fast", "seed=0,1",
+                       env={"MLFLOW_TRACKING_URI": mlflow_server})
     (sweep_dir,) = (result.output_dir / "sweeps").iterdir()
     runs = _runs(MlflowClient(mlflow_server), "sweep")
     assert sorted(r.data.tags["mlflow.runName"].split(",")[-1] for r in runs) == ["seed=0", "seed=1"]

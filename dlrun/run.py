@@ -27,6 +27,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from dlrun import IMPORTED_AT, __version__
 from dlrun.console import console, print_config_tree, print_run_summary
+from dlrun.curves import write_curves
 from dlrun.data.datamodule import InMemoryDataModule
 from dlrun.data.spec import DataSpec
 from dlrun.distributed import children_join_this_run, is_rank_zero, keep_log_to_rank_zero
@@ -179,6 +180,8 @@ def build_trainer(
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     steps_per_execution = trainer_args.pop("steps_per_execution", "auto")  # absent from older runs' configs
     train_limit = trainer_args.pop("limit_train_batches")  # counted in batches by the data module
+    if "profiler" in trainer_args:  # debug=profile: Lightning's profiler, built from its _target_
+        trainer_args["profiler"] = instantiate(cfg.trainer.profiler)
     try:
         trainer = pl.Trainer(
             **trainer_args,
@@ -285,6 +288,7 @@ def _finish(summary, trainer, started, run_dir: RunDir, metrics: dict[str, float
     )
     if trainer.is_global_zero:
         run_dir.write_summary(summary)
+        write_curves(run_dir.path, summary)  # curves.png, from metrics.csv and the summary
         finalize_loggers(trainer.loggers, summary)  # W&B: the summary, then finish (exit code by status)
 
 

@@ -1,8 +1,9 @@
 """Loggers from the `logger` group (composable: logger=[csv,wandb]). Each gets the run directory.
 
-`metrics.csv` (EpochCSVLogger) is the local record every run has; Weights & Biases (WandbRunLogger)
-and TensorBoard mirror it. W&B is an extra: it never prompts, runs offline without credentials, and
-a failure to start or write it costs one warning, never the training run.
+`metrics.csv` (EpochCSVLogger) is the local record every run has; Weights & Biases (WandbRunLogger),
+MLflow (MlflowRunLogger) and TensorBoard mirror it. W&B never prompts and runs offline without
+credentials; MLflow writes a local store unless given a server. For both, a failure to start or
+write costs one warning, never the training run.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import io
 import logging
 import netrc
 import os
+import time
 import warnings
 from argparse import Namespace
 from collections.abc import Mapping, Sequence
@@ -25,7 +27,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import Logger, WandbLogger
+from pytorch_lightning.loggers import Logger, MLFlowLogger, WandbLogger
 from pytorch_lightning.loggers.logger import DummyExperiment, rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -96,12 +98,36 @@ class EpochCSVLogger(Logger):
         write_atomic(self._path, out.getvalue())
 
 
+class QuietOnFailure:
+    """A tracking service's logger that never takes training down: any error of the service is caught,
+    warned about once, and the logger goes quiet (the other loggers go on)."""
+
+    service = "the tracker"
+    _broken = False
+
+    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call fn; on any error, warn once and stop talking to the service."""
+        if self._broken:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            self._fail(what, err)
+            return None
+
+    def _fail(self, what: str, err: Exception) -> None:
+        if not self._broken:
+            _warn(f"{self.service} failed ({what}: {type(err).__name__}: {err}); "
+                  f"training goes on without {self.service}.")
+        self._broken = True
+
+
 # A run's status in summary.json -> the exit code W&B records: only a crash or an interrupt is a failed run;
 # a diverged or pruned run finished, and its status says how.
 _EXIT_CODES = {"completed": 0, "diverged": 0, "pruned": 0}
 
 
-class WandbRunLogger(WandbLogger):
+class WandbRunLogger(QuietOnFailure, WandbLogger):
     """Lightning's WandbLogger (rank 0 only, checkpoint artifacts), made safe to leave on.
 
     - Mode: `mode` if set, else $WANDB_MODE, else online with credentials (`wandb login` or
@@ -112,6 +138,8 @@ class WandbRunLogger(WandbLogger):
       is the sweep directory's name and each run is named by its job's overrides.
     - Any error of W&B's is caught: one warning, then this logger goes quiet and training goes on.
     """
+
+    service = "W&B"
 
     def __init__(
         self,
@@ -138,7 +166,6 @@ class WandbRunLogger(WandbLogger):
             config=_read_config(Path(save_dir)),
         )
         self._mode = mode
-        self._broken = False
 
     @property
     @rank_zero_experiment
@@ -219,21 +246,6 @@ class WandbRunLogger(WandbLogger):
             run.finish(exit_code=_EXIT_CODES.get(str(summary.get("status")), 1))
         except Exception as err:
             self._fail("finish", err)
-
-    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Call fn; on any error, warn once and stop talking to W&B (the other loggers go on)."""
-        if self._broken:
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:
-            self._fail(what, err)
-            return None
-
-    def _fail(self, what: str, err: Exception) -> None:
-        if not self._broken:
-            _warn(f"W&B failed ({what}: {type(err).__name__}: {err}); training goes on without W&B.")
-        self._broken = True
 
 
 def resolve_mode(requested: str | None) -> str:
@@ -323,6 +335,142 @@ def wandb_logger(save_dir: str | Path, mode: str | None = None, **knobs: Any) ->
     return WandbRunLogger(save_dir, mode=mode, **knobs)
 
 
+# A run's status in summary.json -> MLflow's run status (a diverged or pruned run finished: its status says how)
+_MLFLOW_STATUSES = {"completed": "FINISHED", "diverged": "FINISHED", "pruned": "FINISHED", "interrupted": "KILLED"}
+
+
+class MlflowRunLogger(QuietOnFailure, MLFlowLogger):
+    """Lightning's MLFlowLogger, made safe to leave on, logging what metrics.csv and summary.json hold.
+
+    - Store: `tracking_uri` (a server, http://host:5000) if set, else $MLFLOW_TRACKING_URI, else a
+      SQLite store `<store_dir>/mlflow.db` with artifacts beside it: `mlflow ui --backend-store-uri
+      sqlite:///<store_dir>/mlflow.db` shows it.
+    - Parameters: the run directory's config.yaml (resolved), flattened to dotted keys (optim.lr), the
+      names overrides use. Metrics: one step per epoch, keyed like metrics.csv.
+    - At the end: summary.json's numbers (best_value, wall_seconds, ...) and final metrics (test/...)
+      as metrics, its strings (status, monitor, data, ...) as `dlrun.*` tags, the best checkpoint as an
+      artifact with `log_model`, and the MLflow run's status from the dlrun run's.
+    - Sweeps: every job is a run of the same experiment, tagged `sweep=<sweep directory name>`
+      (filter with tags.sweep = '...'), named by its job's overrides.
+    - Any error of MLflow's is caught: one warning, then this logger goes quiet and training goes on.
+    """
+
+    service = "MLflow"
+
+    def __init__(
+        self,
+        save_dir: str | Path,
+        store_dir: str | Path = "mlflow",
+        tracking_uri: str | None = None,
+        experiment_name: str = "dlrun",
+        run_name: str | None = None,
+        group: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        log_model: bool = False,
+    ):
+        auto_group, auto_name = _job_identity()
+        tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        store = Path(store_dir).expanduser().resolve()
+        if not tracking_uri:
+            store.mkdir(parents=True, exist_ok=True)
+            tracking_uri = f"sqlite:///{store / 'mlflow.db'}"
+        group = group or auto_group
+        super().__init__(
+            experiment_name=experiment_name,
+            run_name=run_name or auto_name or Path(save_dir).name,
+            tracking_uri=tracking_uri,
+            tags={**({"sweep": group} if group else {}), "dlrun.run_dir": str(save_dir), **dict(tags or {})},
+            artifact_location=None if tracking_uri.startswith(("http:", "https:")) else (store / "artifacts").as_uri(),
+            log_model=False,  # dlrun uploads the best checkpoint itself, once, in finish()
+        )
+        self._run_dir = Path(save_dir)
+        self._upload_best = log_model
+        self._params_logged = False
+        self._per_epoch: set[str] = set()  # metrics with a history: the summary does not repeat their last value
+
+    @rank_zero_only
+    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
+        self._guard("parameters", self._log_config)  # the run's config, not the module's hparams
+
+    def _log_config(self) -> None:
+        if not self._params_logged:
+            self._params_logged = True
+            MLFlowLogger.log_hyperparams(self, _flatten(_read_config(self._run_dir)))
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._guard("logging", self._log_epoch, metrics)
+
+    def _log_epoch(self, metrics: Mapping[str, float]) -> None:
+        self._log_config()
+        row = {k: v for k, v in metrics.items() if k != "epoch" and not k.startswith("test/")}
+        if row and "epoch" in metrics:  # test metrics reach MLflow with the summary
+            MLFlowLogger.log_metrics(self, row, step=int(metrics["epoch"]))
+            self._per_epoch.update(row)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        """MLflow's client, the run created on first use; a do-nothing stand-in once MLflow has failed."""
+        client = None if self._broken else self._guard("start", MLFlowLogger.experiment.fget, self)
+        return DummyExperiment() if client is None else client
+
+    @property
+    def name(self) -> str:
+        return self._experiment_name  # Lightning's asks the server: a path built from it must not need one
+
+    @property
+    def version(self) -> str:
+        return self._run_id or ""
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        pass  # Lightning calls this after fit and again after test; finish() ends the run once
+
+    @rank_zero_only
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        """Log the summary and the best checkpoint, then end the MLflow run with the dlrun run's status."""
+        if self._broken:
+            return
+        self._guard("summary", self._log_summary, summary)
+        status = _MLFLOW_STATUSES.get(str(summary.get("status")), "FAILED")
+        if self._initialized:
+            self._guard("finish", self.experiment.set_terminated, self.run_id, status)
+
+    def _log_summary(self, summary: Mapping[str, Any]) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        self._log_config()
+        step = int(summary.get("epochs") or 0)
+        numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numbers.update({k: v for k, v in (summary.get("metrics") or {}).items() if k not in self._per_epoch})
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in numbers.items()]
+        tags = [RunTag(f"dlrun.{k}", str(v)[:5000]) for k, v in summary.items() if isinstance(v, (str, bool))]
+        self.experiment.log_batch(self.run_id, metrics=metrics, tags=tags)
+        best = self._run_dir / "checkpoints" / "best.ckpt"
+        if self._upload_best and best.is_file():
+            self.experiment.log_artifact(self.run_id, str(best), "checkpoints")
+
+
+def mlflow_logger(save_dir: str | Path, **knobs: Any) -> MlflowRunLogger:
+    """The `logger=mlflow` option; a server that does not answer costs seconds of retries, not minutes."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    return MlflowRunLogger(save_dir, **knobs)
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1}: the names overrides use."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def build_loggers(logger_cfg: DictConfig, run_dir: Path) -> list[Logger]:
     """One Lightning logger per selected option, each writing under the run directory."""
     loggers = (instantiate(cfg, save_dir=str(run_dir)) for cfg in logger_cfg.values() if cfg is not None)
@@ -330,7 +478,7 @@ def build_loggers(logger_cfg: DictConfig, run_dir: Path) -> list[Logger]:
 
 
 def finalize_loggers(loggers: Sequence[Logger], summary: Mapping[str, Any]) -> None:
-    """Hand summary.json's content to the loggers that keep a summary (W&B), and finish their runs."""
+    """Hand summary.json's content to the loggers that keep a summary (W&B, MLflow), and finish their runs."""
     for lg in loggers:
-        if isinstance(lg, WandbRunLogger):
+        if isinstance(lg, (WandbRunLogger, MlflowRunLogger)):
             lg.finish(summary)

@@ -14,6 +14,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from dlrun.errors import UserError
+from dlrun.metrics import ordered
 
 console = Console()
 err_console = Console(stderr=True)
@@ -50,12 +51,20 @@ def format_value(value: Any) -> str:
 
 
 def print_run_summary(summary: Mapping[str, Any]) -> None:
-    """The final metrics of one run and where its files are."""
+    """The metrics of the model the run tested (the best epoch's; test/* on best.ckpt), the last epoch's
+    beside them where it is another, and where the run's files are."""
     table = Table(title=f"dlrun · {summary.get('status', '?')}", show_header=True, header_style="bold")
+    metrics = ordered(summary.get("metrics", {}))
+    last = summary.get("last_epoch") or {}
+    last_metrics = last.get("metrics") or {}
+    # the last epoch's column where it differs from the best's (early stopping, a later worse epoch)
+    show_last = last.get("epoch") is not None and last.get("epoch") != summary.get("best_epoch") and last_metrics
     table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in summary.get("metrics", {}).items():
-        table.add_row(name, format_value(value))
+    table.add_column("value" if not show_last else f"best epoch ({summary.get('best_epoch')})", justify="right")
+    if show_last:
+        table.add_column(f"last epoch ({last['epoch']})", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, format_value(value), *([_show(last_metrics.get(name))] if show_last else []))
     console.print(table)
     best = summary.get("best_value")
     console.print(
@@ -64,6 +73,10 @@ def print_run_summary(summary: Mapping[str, Any]) -> None:
         f" · {summary.get('params', 0):,} parameters"
     )
     console.print(f"run directory: [link]{summary.get('run_dir')}[/link]")
+
+
+def _show(value: Any) -> str:
+    return "" if value is None else format_value(value)
 
 
 def print_user_error(error: UserError) -> None:

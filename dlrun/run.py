@@ -32,6 +32,7 @@ from dlrun.data.datamodule import InMemoryDataModule
 from dlrun.data.spec import DataSpec
 from dlrun.distributed import children_join_this_run, is_rank_zero, keep_log_to_rank_zero
 from dlrun.errors import UserError
+from dlrun.metrics import monitor_example, summary_metrics
 from dlrun.models.base import build_network, require_knobs
 from dlrun.rundir import RunDir, RunInterrupted, load_checkpoint
 from dlrun.tracking import build_loggers, finalize_loggers
@@ -129,7 +130,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
             # read before testing: loading the best checkpoint restores the tracker's state as saved then
             summary.update(best_value=tracker.best_value, best_epoch=tracker.best_epoch, epochs=trainer.current_epoch)
             best_ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            fitted = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            fitted = tracker.state_dict()  # the best and the last epoch's metrics
             tested = trainer.test(module, datamodule=datamodule, ckpt_path=best_ckpt or None, verbose=False,
                                   weights_only=True)
             if interruption.signum is not None:  # arrived while testing: the run is complete but unrecorded
@@ -156,8 +157,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
             raise UserError(str(err), "Check the callbacks and trainer settings named above.",
                             title="Invalid training setup") from err
         raise
-    metrics = {**fitted, **(tested[0] if tested else {})}
-    _finish(summary, trainer, started, run_dir, metrics)
+    _finish(summary, trainer, started, run_dir, summary_metrics(fitted, tested[0] if tested else {}))
     if trainer.is_global_zero:
         print_run_summary(summary)
     return summary["best_value"]
@@ -236,12 +236,12 @@ def build_experiment(
         task_overrides.update(reg.task_overrides())
     network = build_network(cfg.model, spec, choices.get("model", "?"), model_overrides)
     module = Experiment(network, make_task(spec, **task_overrides), cfg.optim, cfg.scheduler, regularizers, cfg.callbacks.monitor)
-    monitor = cfg.callbacks.monitor
-    if monitor not in module.logged_metric_names():
+    monitor, logged = cfg.callbacks.monitor, module.metrics.monitorable()
+    if monitor not in logged:
         raise UserError(
-            f"callbacks.monitor = {monitor!r} is not a metric of dataset={spec.name} ({spec.task}); "
-            f"it logs {', '.join(sorted(module.logged_metric_names()))}.",
-            "e.g. callbacks.monitor=val/acc callbacks.mode=max",
+            f"callbacks.monitor = {monitor!r} is not a metric of dataset={spec.name} ({spec.task}) "
+            f"with model={choices.get('model', '?')}; it logs {', '.join(sorted(logged))}.",
+            f"e.g. {monitor_example(module.task.kind)}",
         )
     return datamodule, spec, module
 
@@ -265,18 +265,17 @@ def _stopped(summary, tracker, trainer, started, run_dir: RunDir) -> None:
     summary.setdefault("best_value", tracker.best_value)
     summary.setdefault("best_epoch", tracker.best_epoch)
     summary.setdefault("epochs", trainer.current_epoch)
-    fitted = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.startswith("test/")}
-    _finish(summary, trainer, started, run_dir, fitted)
+    _finish(summary, trainer, started, run_dir, summary_metrics(tracker.state_dict(), {}))
 
 
-def _finish(summary, trainer, started, run_dir: RunDir, metrics: dict[str, float]) -> None:
-    """Complete and write summary.json (rank 0 only)."""
+def _finish(summary, trainer, started, run_dir: RunDir, metrics: dict[str, Any]) -> None:
+    """Complete and write summary.json (rank 0 only); `metrics` is summary_metrics'."""
     clock = next((c for c in trainer.callbacks if isinstance(c, FirstStepClock)), None)
     if clock is not None and clock.first_step_at is not None:  # imports, data and model building
         summary["startup_seconds"] = round(clock.first_step_at - IMPORTED_AT, 3)
     summary.update(
+        metrics,
         global_step=trainer.global_step,
-        metrics={k: metrics[k] for k in sorted(metrics)},
         wall_seconds=round(time.time() - started, 3),
         finished_at=_now(),
         checkpoints={

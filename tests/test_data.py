@@ -26,6 +26,7 @@ from dlrun.data.spec import DataSpec
 from dlrun.errors import DataError
 from dlrun.models.base import build_network
 from dlrun.run import build_experiment
+from dlrun.training.metrics import EpochMetrics
 from dlrun.training.module import Experiment
 from dlrun.training.tasks import make_task
 
@@ -507,12 +508,11 @@ PRF = ("precision", "recall", "f1")
 
 
 def _epoch(task, batches, stage: str) -> dict[str, float]:
-    """The stage's epoch metrics of (output, target) batches, scored and reduced as Experiment does."""
-    module = Experiment(torch.nn.Identity(), task, OmegaConf.create({}), OmegaConf.create({}))
-    module.trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    """The stage's epoch metrics of (output, target) batches, scored and reduced as in training."""
+    metrics = EpochMetrics(task, torch.nn.Identity())
     for output, target in batches:
-        module._score(output, target, stage)
-    return module._epoch_metrics(stage)
+        metrics.score(output, target, stage)
+    return metrics.compute(stage)
 
 
 def test_multiclass_precision_recall_f1_are_scikit_learns_macro_averages():
@@ -570,7 +570,7 @@ def test_training_batches_scored_per_group_equal_scored_one_by_one(monkeypatch, 
     """Small training outputs wait for the group's end and are scored concatenated (uneven batches too);
     the epoch's metrics are exactly those of scoring each batch at once, as large outputs are. Regression
     (float sums) is always scored per batch, so that its numbers never depend on the grouping either."""
-    import dlrun.training.module as module_code
+    import dlrun.training.metrics as metrics_code
 
     g = torch.Generator().manual_seed(2)
     output = torch.randn(100, outputs, generator=g)
@@ -581,6 +581,6 @@ def test_training_batches_scored_per_group_equal_scored_one_by_one(monkeypatch, 
     spec = make_task(DataSpec("toy", task, (2,), outputs))
     grouped = _epoch(spec, batches, "train")
     assert spec.scores_groups == (task != "regression")
-    monkeypatch.setattr(module_code, "_GROUP_SCORED_NUMEL", 0)
+    monkeypatch.setattr(metrics_code, "GROUP_SCORED_NUMEL", 0)
     assert _epoch(spec, batches, "train") == grouped
     assert grouped["train/loss"] == pytest.approx(spec.loss(output, target).item(), rel=1e-6)

@@ -80,7 +80,7 @@ def _fit(cfg: DictConfig, run_dir: RunDir, stop: pl.Callback | None = None, resu
     return {
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
-        "best": (tracker.best_value, tracker.best_epoch),
+        "best": tracker.state_dict(),  # the best value, epoch and metrics, and the last epoch's
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "weights": {k: v.clone() for k, v in module.state_dict().items()},
         "direct_steps": module._direct_steps,
@@ -96,9 +96,9 @@ def resume_cfg() -> DictConfig:
 def _small_run_cfg(*overrides: str) -> DictConfig:
     """4 training batches an epoch, one per Lightning call unless overridden."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     from dlrun import CONF_DIR
-    from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -258,7 +258,7 @@ def test_sigterm_then_resume_ends_like_the_run_left_alone(tmp_path):
     final, reference = _summary(run_dir), _summary(_only_run_dir(tmp_path / "alone"))
     assert final["status"] == "completed" and len(final["resumed"]) == 1
     assert final["overrides"] == reference["overrides"]
-    for key in ("metrics", "best_value", "best_epoch", "epochs", "global_step"):
+    for key in ("metrics", "last_epoch", "best_value", "best_epoch", "epochs", "global_step"):
         assert final[key] == reference[key], key
     assert (run_dir / "metrics.csv").read_text() == (_only_run_dir(tmp_path / "alone") / "metrics.csv").read_text()
 

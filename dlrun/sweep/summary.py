@@ -26,6 +26,7 @@ from rich import box
 from rich.table import Table
 
 from dlrun.console import console, format_value
+from dlrun.metrics import headline_test_names
 from dlrun.rundir import write_atomic
 
 CSV_FILE = "sweep_summary.csv"
@@ -34,7 +35,6 @@ PLOT_FILE = "sweep_plot.png"
 _CSV_ERROR_CHARS = 500  # the CSV keeps the error on one line; the JSON keeps all of it
 _FIXED_COLUMNS = ("job", "status", "overrides")
 _RESULT_COLUMNS = ("monitor", "best_value", "best_epoch", "epochs", "seconds", "started_at", "finished_at")
-_HEADLINE_TEST_METRICS = ("test/acc", "test/r2", "test/bpc", "test/f1", "test/loss")
 
 
 def parse_value(text: str) -> Any:
@@ -201,10 +201,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
 def headline_test_keys(rows: list[dict[str, Any]], monitor: str | None) -> list[str]:
     """The test metrics a terminal table has room for: the monitored metric's test twin, then the task's
-    main score (accuracy, R², bits per character, F1), two in all; the summary files keep every one."""
+    headline score (dlrun/metrics.py: HEADLINE), two in all; the summary files keep every one."""
     present = {k for r in rows for k in r["test"]}
     twin = f"test/{monitor.split('/', 1)[-1]}" if monitor else None
-    preferred = dict.fromkeys(k for k in (twin, *_HEADLINE_TEST_METRICS) if k in present)
+    preferred = dict.fromkeys(k for k in (twin, *headline_test_names()) if k in present)
     return list(preferred)[:2]
 
 

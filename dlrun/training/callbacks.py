@@ -34,10 +34,12 @@ log = logging.getLogger("dlrun")
 
 
 class MonitorTracker(Checkpoint):
-    """Remembers the best value of the monitored metric and the epoch it was reached (for summary.json).
+    """Remembers the best value of the monitored metric, the epoch it was reached and that epoch's
+    metrics (the model best.ckpt holds), and the last epoch's metrics: what summary.json reports.
 
     A `Checkpoint` subclass only so that Lightning calls it where it calls ModelCheckpoint: after the
-    LightningModule has logged the epoch's training metrics, so a train/* monitor is current.
+    LightningModule has logged the epoch's training metrics, so a train/* monitor is current. Its state
+    is plain floats, saved in checkpoints (a resumed run keeps its best epoch's metrics).
     """
 
     def __init__(self, monitor: str, mode: str):
@@ -45,27 +47,35 @@ class MonitorTracker(Checkpoint):
         self.mode = mode
         self.best_value: float | None = None
         self.best_epoch: int | None = None
+        self.best_metrics: dict[str, float] = {}
+        self.last_epoch: int | None = None
+        self.last_metrics: dict[str, float] = {}
 
     def _check(self, trainer: pl.Trainer) -> None:
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None or trainer.sanity_checking:
+        if trainer.sanity_checking:
             return
-        value = float(value)
-        if math.isnan(value):
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.startswith("test/")}
+        self.last_epoch, self.last_metrics = trainer.current_epoch, logged
+        value = logged.get(self.monitor)
+        if value is None or math.isnan(value):
             return
         better = self.best_value is None or (value < self.best_value if self.mode == "min" else value > self.best_value)
         if better:
-            self.best_value, self.best_epoch = value, trainer.current_epoch
+            self.best_value, self.best_epoch, self.best_metrics = value, trainer.current_epoch, logged
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._check(trainer)
 
     def state_dict(self):
-        return {"best_value": self.best_value, "best_epoch": self.best_epoch}
+        return {"best_value": self.best_value, "best_epoch": self.best_epoch, "best_metrics": dict(self.best_metrics),
+                "last_epoch": self.last_epoch, "last_metrics": dict(self.last_metrics)}
 
     def load_state_dict(self, state_dict):
         self.best_value = state_dict.get("best_value")
         self.best_epoch = state_dict.get("best_epoch")
+        self.best_metrics = dict(state_dict.get("best_metrics", {}))  # absent from older checkpoints
+        self.last_epoch = state_dict.get("last_epoch")
+        self.last_metrics = dict(state_dict.get("last_metrics", {}))
 
 
 class ResumeCheckpoint(Callback):

@@ -33,33 +33,19 @@ from pytorch_lightning.plugins.precision import Precision
 from pytorch_lightning.strategies import SingleDeviceStrategy
 from torch.func import functional_call
 
+from dlrun.metrics import LEARNING_RATE
 from dlrun.training.callbacks import Interruption
-from dlrun.training.dead_units import DeadUnits
+from dlrun.training.metrics import EpochMetrics
 from dlrun.training.optimizers import build_optimizer
-from dlrun.training.regularizers import Regularizer, sparsity_counts
+from dlrun.training.regularizers import Regularizer
 from dlrun.training.schedulers import build_scheduler
 from dlrun.training.tasks import Task
 
-STAGES = ("train", "val", "test")
-# A training batch whose output has at most this many elements is scored at its group's end, with the
-# group's other batches: a few operations per group instead of per step (most of a small network's
-# overhead). Larger outputs (a language model's logits) are scored at once rather than held, and so are
-# those of tasks whose sums are not exact over concatenated batches (Task.scores_groups).
-_GROUP_SCORED_NUMEL = 1 << 16
-
-# Training diagnostics, kept as device sums like the task's statistics: metric = numerator / denominator.
-DIAGNOSTICS = {
-    "penalty": ("penalty", "penalized_steps"),  # mean over the epoch's steps of the summed penalties
-    "grad_norm": ("grad_norm", "optimizer_steps"),  # mean global L2 norm of the gradient, before clipping
-    "sparsity": ("near_zero", "weights"),  # fraction of penalized weights with |w| < 1e-3, at epoch end
-}
-
 
 class Experiment(pl.LightningModule):
-    """Trains `network` on `task`. Logs epoch metrics named `<stage>/<metric>` (train/loss, val/acc, ...).
-
-    Per-batch statistics stay on the device and are reduced (across DDP ranks too) once per epoch: no
-    `.item()` per step, which would stall a GPU pipeline. Counts known on the host stay on the host.
+    """Trains `network` on `task`. Logs epoch metrics named `<stage>/<metric>` (train/loss, val/acc, ...):
+    `self.metrics` (dlrun/training/metrics.py) keeps their sums on the device and reduces them (across DDP
+    ranks too) once per epoch: no `.item()` per step, which would stall a GPU pipeline.
     """
 
     def __init__(
@@ -78,28 +64,13 @@ class Experiment(pl.LightningModule):
         self.scheduler_cfg = scheduler
         self.regularizers = list(regularizers)
         self.monitor = monitor
-        # Statistics of the stage's epoch so far: device tensors not yet summed (a step's, until the end of
-        # its training_step), their running device sums, and host counts.
-        self._pending: dict[str, dict[str, list[torch.Tensor]]] = {stage: {} for stage in STAGES}
-        self._sums: dict[str, dict[str, torch.Tensor]] = {stage: {} for stage in STAGES}
-        self._counts: dict[str, dict[str, float]] = {stage: {} for stage in STAGES}
-        # The training group's steps not yet scored: (output, target, mean loss), and per-parameter gradient
-        # norms; `_flush` turns both into sums.
-        self._unscored: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._grad_norms: list[list[torch.Tensor]] = []
+        self.metrics = EpochMetrics(task, network)
         self._epoch_lr = float("nan")
         self._schedule: dict | None = None  # build_scheduler's: the scheduler, its interval and monitor
         self.automatic_optimization = False  # training_step steps the optimizer: see the module docstring
         self._direct_steps = False  # set by on_train_start
         self._interruption: Interruption | None = None  # set by on_train_start
         self._network_params = list(network.parameters())
-        self._dead_units = DeadUnits(network)  # counts during the validation and test passes only
-
-    def logged_metric_names(self) -> set[str]:
-        """Every name this module can log: what callbacks.monitor may watch."""
-        per_stage = {f"{stage}/{name}" for stage in ("train", "val") for name in self.task.metric_names}
-        evaluated = {f"val/{name}" for name in self.task.eval_metric_names}  # not logged for training
-        return per_stage | evaluated | {f"train/{name}" for name in DIAGNOSTICS} | {"lr"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
@@ -123,7 +94,7 @@ class Experiment(pl.LightningModule):
             if self._schedule is not None and self._schedule["interval"] == "step":
                 self._schedule["scheduler"].step()
             losses.append(loss)
-        self._flush("train")
+        self.metrics.flush("train")
         self._count_logged_steps(len(losses))
         return torch.stack(losses) if losses else None
 
@@ -133,13 +104,13 @@ class Experiment(pl.LightningModule):
         for reg in self.regularizers:
             x, y = reg.transform_batch(x, y)
         output = self._training_forward(x)
-        loss = self._score(output, y, "train")
+        loss = self.metrics.score(output, y, "train")
         objective = loss
         if self.task.label_smoothing:  # the objective uses the soft targets; the logged loss does not
             objective = self.task.loss(output, y, smooth=True)
         penalty = self._penalty()
         if penalty is not None:
-            self._accumulate("train", {"penalty": penalty, "penalized_steps": 1})
+            self.metrics.add_penalty(penalty)
             objective = objective + penalty
         return objective, loss.detach()
 
@@ -181,40 +152,11 @@ class Experiment(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        self._score(self.network(x), y, "val")
+        self.metrics.score(self.network(x), y, "val")
 
     def test_step(self, batch, batch_idx):
         x, y = batch
-        self._score(self.network(x), y, "test")
-
-    def _score(self, output: torch.Tensor, target: torch.Tensor, stage: str) -> torch.Tensor:
-        """The batch's data loss; its statistics go to the stage's sums (a small training batch's when its
-        group ends, see _GROUP_SCORED_NUMEL)."""
-        loss = self.task.loss(output, target)
-        scored = (output.detach(), target, loss.detach())
-        if stage == "train" and self.task.scores_groups and output.numel() <= _GROUP_SCORED_NUMEL:
-            self._unscored.append(scored)
-        else:
-            self._accumulate(stage, self._stats([scored], stage))
-        return loss
-
-    def _stats(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], stage: str) -> dict:
-        """The task's sums over (output, target, mean loss) batches, scored as one concatenated batch."""
-        # Each batch's loss times its size, in float64: the products are exact, so the epoch's loss sum is
-        # the same whatever the grouping. One batch (every evaluation batch) skips the concatenation.
-        sizes = [target.numel() for _, target, _ in batches]
-        if len(batches) == 1:
-            output, target, loss = batches[0]
-            loss_sum = loss.to(_sum_dtype(loss.device)) * sizes[0]
-        else:
-            output, target = (torch.cat([batch[i] for batch in batches]) for i in (0, 1))
-            losses = torch.stack([loss for _, _, loss in batches])
-            dtype = _sum_dtype(losses.device)
-            loss_sum = (losses.to(dtype) * torch.tensor(sizes, dtype=dtype, device=losses.device)).sum()
-        stats = self.task.stats(output, target, loss_sum)
-        if stage != "train":  # evaluation-only statistics keep the training step's cost unchanged
-            stats |= self.task.eval_stats(output, target)
-        return stats
+        self.metrics.score(self.network(x), y, "test")
 
     def _training_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The network's output, at parameters perturbed for this pass when a regularizer asks (weight noise).
@@ -237,71 +179,18 @@ class Experiment(pl.LightningModule):
     # --- around the optimizer step ------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer) -> None:
         """Gradients are final here (all-reduced, unscaled under mixed precision)."""
-        grads = [p.grad for p in self._network_params if p.grad is not None]
-        if grads:  # each parameter's norm now (before clipping); the step's global norm at the group's end
-            self._grad_norms.append(torch._foreach_norm(grads))
+        self.metrics.add_gradient_norms(self._network_params)  # before clipping
         for reg in self.regularizers:
             reg.on_before_optimizer_step(self.network)
 
     # --- epoch metrics ----------------------------------------------------------------------------
-    def _accumulate(self, stage: str, stats: dict[str, torch.Tensor | float]) -> None:
-        """Record a batch's statistics: tensors wait for `_flush`, plain numbers are summed at once."""
-        pending, counts = self._pending[stage], self._counts[stage]
-        for key, value in stats.items():
-            if isinstance(value, torch.Tensor):
-                pending.setdefault(key, []).append(value.detach())
-            else:
-                counts[key] = counts.get(key, 0) + value
-
-    def _flush(self, stage: str) -> None:
-        """Score the training group's batches, then add the pending tensors to the running sums: a few
-        operations per key, not per batch."""
-        if stage == "train":
-            if self._unscored:
-                self._accumulate("train", self._stats(self._unscored, "train"))
-                self._unscored = []
-            if self._grad_norms:
-                self._accumulate("train", _global_grad_norms(self._grad_norms))
-                self._grad_norms = []
-        sums = self._sums[stage]
-        for key, values in self._pending[stage].items():
-            total = torch.stack(values).to(_sum_dtype(values[0].device)).sum(0)
-            sums[key] = sums[key] + total if key in sums else total
-        self._pending[stage] = {}
-
     def _epoch_metrics(self, stage: str) -> dict[str, float]:
-        self._flush(stage)
-        sums, counts = self._sums[stage], self._counts[stage]
-        self._sums[stage], self._counts[stage] = {}, {}
-        if not sums and not counts:
-            return {}
-        device = next(iter(sums.values())).device if sums else self.device
-        # Scalar and vector sums (per-class counts) in one flat tensor: one all-reduce, one host sync.
-        flat = torch.cat([
-            *(sums[k].reshape(-1) for k in sorted(sums)),
-            torch.tensor([float(counts[k]) for k in sorted(counts)], dtype=_sum_dtype(device), device=device),
-        ])
-        flat = self.trainer.strategy.reduce(flat, reduce_op="sum") if self.trainer.world_size > 1 else flat
-        values = flat.tolist()  # the one host sync per epoch
-        totals, start = {}, 0
-        for key in sorted(sums):  # split back: a float per scalar sum, a list per vector sum
-            size = sums[key].numel()
-            totals[key] = values[start : start + size] if sums[key].dim() else values[start]
-            start += size
-        totals |= dict(zip(sorted(counts), values[start:], strict=True))
-        metrics = self.task.metrics(totals)
-        for name, (numerator, denominator) in DIAGNOSTICS.items():
-            if numerator in totals:
-                metrics[name] = totals[numerator] / max(totals[denominator], 1.0)
-        return {f"{stage}/{name}": value for name, value in metrics.items()}
+        strategy = self.trainer.strategy
+        reduce = (lambda flat: strategy.reduce(flat, reduce_op="sum")) if self.trainer.world_size > 1 else None
+        return self.metrics.compute(stage, reduce)
 
     def _log_stage(self, stage: str) -> None:
         metrics = self._epoch_metrics(stage)
-        active = self._dead_units.stop()
-        if metrics and active is not None:
-            if self.trainer.world_size > 1:  # a unit lives if a sample on any rank made it positive
-                active = self.trainer.strategy.reduce(active.float(), reduce_op="sum")
-            metrics[f"{stage}/dead_relu"] = float((active == 0).float().mean())
         if metrics and not self.trainer.sanity_checking:
             self.log_dict(metrics, on_epoch=True, sync_dist=False)  # already reduced across ranks
 
@@ -311,22 +200,20 @@ class Experiment(pl.LightningModule):
         self._epoch_lr = self.optimizers().param_groups[0]["lr"]
 
     def on_train_epoch_end(self) -> None:
-        if self._counts["train"]:  # some training step ran this epoch
-            self._accumulate("train", sparsity_counts(self.network))
         metrics = self._epoch_metrics("train")
-        metrics["lr"] = self._epoch_lr  # the rate the epoch trained with (its first step's, interval=step)
+        metrics[LEARNING_RATE] = self._epoch_lr  # the rate the epoch trained with (its first step's, interval=step)
         self.log_dict(metrics, on_epoch=True, sync_dist=False)
         if self._schedule is not None and self._schedule["interval"] == "epoch":
             self._step_epoch_schedule(metrics)
 
     def on_validation_epoch_start(self) -> None:
-        self._dead_units.start()
+        self.metrics.start_evaluation()
 
     def on_validation_epoch_end(self) -> None:
         self._log_stage("val")
 
     def on_test_epoch_start(self) -> None:
-        self._dead_units.start()
+        self.metrics.start_evaluation()
 
     def on_test_epoch_end(self) -> None:
         self._log_stage("test")
@@ -355,18 +242,3 @@ class Experiment(pl.LightningModule):
             )
         scheduler.step(float(value))
 
-
-def _global_grad_norms(per_parameter: list[list[torch.Tensor]]) -> dict[str, torch.Tensor | int]:
-    """The summed global L2 gradient norms of steps, from each step's per-parameter norms (as
-    torch.nn.utils.get_total_norm computes them), in one reduction when every step had the same gradients."""
-    if len({len(norms) for norms in per_parameter}) == 1:
-        rows = torch.stack([norm for norms in per_parameter for norm in norms]).view(len(per_parameter), -1)
-        per_step = torch.linalg.vector_norm(rows, dim=1)
-    else:
-        per_step = torch.stack([torch.linalg.vector_norm(torch.stack(norms)) for norms in per_parameter])
-    return {"grad_norm": per_step.sum(), "optimizer_steps": len(per_parameter)}
-
-
-def _sum_dtype(device: torch.device) -> torch.dtype:
-    """float64 keeps long sums exact; Apple's MPS has no float64, so it sums in float32."""
-    return torch.float32 if device.type == "mps" else torch.float64

@@ -25,22 +25,10 @@ from torch import nn
 
 from dlrun.errors import UserError
 
-#: |w| below this counts as a zero weight in train/sparsity
-NEAR_ZERO = 1e-3
-
 
 def penalized_weights(network: nn.Module) -> list[torch.Tensor]:
     """Weights that weight penalties apply to: matrices and kernels, not biases or normalization scales."""
     return [p for p in network.parameters() if p.requires_grad and p.dim() > 1]
-
-
-def sparsity_counts(network: nn.Module) -> dict[str, torch.Tensor | int]:
-    """How many penalized weights are near zero (|w| < NEAR_ZERO, a device sum), and how many there are."""
-    weights = penalized_weights(network)
-    if not weights:
-        return {}
-    near_zero = torch.stack([(w.detach().abs() < NEAR_ZERO).sum() for w in weights]).sum()
-    return {"near_zero": near_zero, "weights": sum(w.numel() for w in weights)}
 
 
 class Regularizer:

@@ -1,7 +1,6 @@
-"""Loss and metrics per task. Metrics are accumulated as sums on the device and reduced once per epoch.
-
-Summing (not averaging) per batch makes the epoch metric exact whatever the batch sizes, costs no
-host-device sync per step, and reduces correctly across DDP ranks with one all-reduce of the sums.
+"""Loss and metrics per task: the loss, the sufficient statistics of a batch (sums, on the device) and the
+epoch's metrics from their totals. Which metrics each task logs is declared in dlrun/metrics.py; the sums
+are accumulated and reduced once per epoch by dlrun/training/metrics.py.
 """
 
 from __future__ import annotations
@@ -40,13 +39,11 @@ class Task:
         """More sums, for the validation and test passes only: a training step pays nothing for them."""
         return {}
 
+    #: the task's entry in dlrun/metrics.py's declaration: the names `metrics` returns, per stage
+    kind: str = ""
     #: whether `stats` of concatenated batches are exactly the sums of each batch's (counts, and the loss
     #: sum the caller makes exact), so that a group of training steps may be scored at once
     scores_groups: bool = True
-    #: what `metrics` returns, known before training so that a misspelled monitor is refused early
-    metric_names: tuple[str, ...] = ("loss", "acc")
-    #: what `metrics` adds from `eval_stats`' sums (validation and test)
-    eval_metric_names: tuple[str, ...] = ()
 
     def metrics(self, sums: dict[str, float | list[float]]) -> dict[str, float]:
         """The epoch's metrics from its summed statistics: floats, lists for per-class sums."""
@@ -57,7 +54,7 @@ class Multiclass(Task):
     """Softmax + cross-entropy; accuracy; on validation and test, macro-averaged precision, recall and F1.
     Per-step targets (N, T) are scored at every step."""
 
-    eval_metric_names = ("precision", "recall", "f1")
+    kind = "multiclass"
 
     def loss(self, output, target, smooth=False):
         k = output.shape[-1]
@@ -86,9 +83,8 @@ class Multiclass(Task):
 class PerStep(Multiclass):
     """A language model's per-character targets: also bits per character and perplexity."""
 
-    metric_names = ("loss", "acc", "bpc", "ppl")
+    kind = "per_step"
     # a macro average over a vocabulary's characters says little about a language model: bpc does
-    eval_metric_names = ()
     eval_stats = Task.eval_stats
 
     def metrics(self, sums):
@@ -102,7 +98,7 @@ class Binary(Task):
     """Sigmoid + binary cross-entropy on logits; accuracy at threshold 0.5; on validation and test, the
     precision, recall and F1 of the positive class (label 1)."""
 
-    eval_metric_names = ("precision", "recall", "f1")
+    kind = "binary"
 
     def loss(self, output, target, smooth=False):
         target = target.reshape(output.shape).float()
@@ -127,7 +123,7 @@ class Binary(Task):
 class Regression(Task):
     """Mean squared error; also MAE and R² (coefficient of determination)."""
 
-    metric_names = ("loss", "mse", "mae", "r2")
+    kind = "regression"
     scores_groups = False  # float32 sums of errors round differently over a longer batch: per batch it is
 
     def loss(self, output, target, smooth=False):

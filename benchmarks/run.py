@@ -42,13 +42,12 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-
-from dlrun import CONF_DIR
 from hydra.core.global_hydra import GlobalHydra
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, TensorDataset
 
+from dlrun import CONF_DIR
 from dlrun.data.datamodule import Arrays
 from dlrun.data.tabular import Digits
 
@@ -155,7 +154,7 @@ def run_dlrun(workload: str, n_samples: int, epochs: int, overrides: Sequence[st
     cfg, datamodule, module = build(workload, n_samples, epochs, overrides)
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, _, _ = build_trainer(cfg, RunDir(tmp), {"hardware": "cpu"}, datamodule, extra_callbacks=[timer])
+        trainer, _, _ = build_trainer(cfg, RunDir(tmp), {"hardware": "cpu"}, extra_callbacks=[timer])
         trainer.fit(module, datamodule=datamodule)
     return steady_throughput(timer.epochs)
 

@@ -4,7 +4,6 @@ upgrade that changes one fails here, by name."""
 
 from __future__ import annotations
 
-import csv
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from pytorch_lightning.core.optimizer import LightningOptimizer
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
 from dlrun.data.datamodule import IndexBatches
@@ -127,19 +127,20 @@ class ReadsProgressBar(pl.Callback):
         self.seen.append((task.completed, task.total))
 
 
-def test_steps_schedules_and_progress_count_optimizer_steps(compose_cfg, tmp_path):
+def test_steps_schedules_loggers_and_progress_count_optimizer_steps(compose_cfg, tmp_path):
     """120 samples in batches of 16 (8 a epoch, the last of 8 samples), accumulated 3 by 3: windows of 3, 3, 2."""
     cfg = compose_cfg(*SMALL, "dataset.batch_size=16", "trainer.max_epochs=2", "trainer.accumulate_grad_batches=3",
                       "scheduler=step", "scheduler.interval=step", "scheduler.step_size=1", "scheduler.gamma=0.5",
-                      "callbacks.progress_bar=true", "logger=csv")
+                      "callbacks.progress_bar=true", "logger=[csv,tensorboard]")
     reader = ReadsProgressBar()
     trainer, module = _fit(cfg, reader, run_dir=RunDir(tmp_path))
     assert trainer.global_step == 2 * 3
     assert module.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**6)
     assert reader.seen == [(3, 3), (3, 3)]
-    with open(tmp_path / "metrics.csv") as f:
-        steps = sorted({int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")})
-    assert steps == [2, 5]  # each epoch's row at its last optimizer step
+    board = EventAccumulator(str(tmp_path / "tensorboard"))  # metrics.csv's rows are epochs, without steps
+    board.Reload()
+    for key in ("train/loss", "val/loss"):  # each epoch's row at its last optimizer step
+        assert [event.step for event in board.Scalars(key)] == [2, 5], key
 
 
 def test_accumulated_run_reports_the_global_batch(run_dlrun):
@@ -228,7 +229,7 @@ def test_private_logged_step_count(compose_cfg, tmp_path):
     assert isinstance(getattr(loop, "_batches_that_stepped", None), int), _lightning_changed(
         "fit_loop.epoch_loop._batches_that_stepped", "count_logged_steps")
     assert loop._batches_that_stepped == 4, _lightning_changed("how _batches_that_stepped counts", "count_logged_steps")
-    assert loop.state_dict().get("_batches_that_stepped") == 4, _lightning_changed(
+    assert loop.state_dict().get("state_dict", {}).get("_batches_that_stepped") == 4, _lightning_changed(
         "the checkpointed _batches_that_stepped", "count_logged_steps")
 
 

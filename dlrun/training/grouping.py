@@ -147,9 +147,16 @@ class GroupedExecution(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loader = trainer.train_dataloader
-        self._epoch_batches = loader.n_batches() if isinstance(loader, GroupedBatches) else trainer.num_training_batches
+        grouped = isinstance(loader, GroupedBatches)
+        self._epoch_batches = loader.n_batches() if grouped else trainer.num_training_batches
         self._position = 0
         self._sync_gradients(trainer)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        model = self._accumulating_ddp(trainer)
+        if model is not None:  # broadcast buffers (batch norm's) before every forward, as DDP does without
+            model.require_forward_param_sync = True  # accumulation: _sync_gradients' flag turned it off
 
     # --- one training batch -----------------------------------------------------------------------
     @staticmethod
@@ -211,11 +218,16 @@ class GroupedExecution(pl.Callback):
         for the next call's backward. So the flag that `no_sync` would clear for one block must say, at all
         times, whether the next backward ends a window.
         """
-        model = trainer.strategy.model
-        if self.accumulate_grad_batches > 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = self._accumulating_ddp(trainer)
+        if model is not None:
             start = self._position - self._position % self.accumulate_grad_batches
             last = min(start + self.accumulate_grad_batches, self._epoch_batches) - 1
             model.require_backward_grad_sync = self._position == last
+
+    def _accumulating_ddp(self, trainer: pl.Trainer) -> torch.nn.parallel.DistributedDataParallel | None:
+        model = trainer.strategy.model
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        return model if ddp and self.accumulate_grad_batches > 1 else None
 
     @staticmethod
     def count_logged_steps(trainer: pl.Trainer, steps: int) -> None:

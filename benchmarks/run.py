@@ -159,7 +159,7 @@ def run_dlrun(workload: str, n_samples: int, epochs: int, overrides: Sequence[st
     cfg, datamodule, module = build(workload, n_samples, epochs, [f"hardware={hardware}", *overrides])
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, _, _ = build_trainer(cfg, RunDir(tmp), {"hardware": hardware}, datamodule, extra_callbacks=[timer])
+        trainer, _, _ = build_trainer(cfg, RunDir(tmp), {"hardware": hardware}, extra_callbacks=[timer])
         trainer.fit(module, datamodule=datamodule)
     return steady_throughput(timer.epochs)
 

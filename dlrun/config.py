@@ -263,6 +263,7 @@ RULES: dict[str, Rule] = {
     "trainer.min_epochs": Rule("int", low=0),
     "trainer.deterministic": Rule("bool"),
     # trainer.steps_per_execution (auto or a count >= 1) is checked in _cross_checks
+    "trainer.accumulate_grad_batches": positive_int(),
     "trainer.log_every_n_steps": positive_int(),
     "trainer.num_sanity_val_steps": Rule("int", low=-1),
     # --- sweep (dlrun -m; the launcher checks its own hydra.launcher.* knobs) -----------------

@@ -79,7 +79,6 @@ def range_test(cfg, choices: dict[str, Any], steps: int, min_lr: float, max_lr: 
     cfg.scheduler = OmegaConf.create({"_target_": None})  # the range test sets the rate itself
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule, _, module = build_experiment(cfg, choices)
-    datamodule.group_training_batches(1, 1.0)  # one batch per training_step: a new rate every step
     recorder = _rate_sweep_callback()(steps, min_lr, max_lr)
     trainer = pl.Trainer(**OmegaConf.to_container(cfg.hardware, resolve=True), max_steps=steps, max_epochs=-1,
                          limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,

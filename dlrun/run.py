@@ -37,6 +37,7 @@ from dlrun.models.base import build_network, require_knobs
 from dlrun.rundir import RunDir, RunInterrupted, load_checkpoint
 from dlrun.tracking import build_loggers, finalize_loggers
 from dlrun.training.callbacks import Diverged, FirstStepClock, Interruption, MonitorTracker, build_callbacks
+from dlrun.training.grouping import GroupedExecution
 from dlrun.training.module import Experiment
 from dlrun.training.regularizers import Regularizer
 from dlrun.training.tasks import make_task
@@ -49,10 +50,6 @@ log = logging.getLogger("dlrun")
 # step on a CPU machine, a quarter of a small network's step. dlrun forks no CUDA user (in-memory batches without
 # DataLoader workers; DDP ranks are fresh processes), so it takes torch's own cached check.
 os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
-
-# trainer.steps_per_execution=auto on one device: Lightning's per-step overhead (~1-3 ms on a CPU core)
-# paid once per 16 steps is a few percent of even the smallest network's step (see benchmarks/).
-AUTO_STEPS_PER_EXECUTION = 16
 
 # Lightning's advice that does not apply to in-memory batches and epoch-level logging.
 for _pattern in (
@@ -114,9 +111,10 @@ def run_experiment(cfg: DictConfig) -> float | None:
     if resume_from:
         summary["resumed"] = [*(previous or {}).get("resumed", []), {"at": _now(), "epoch": resume_from[1]}]
 
-    trainer, tracker, interruption = build_trainer(cfg, run_dir, choices, datamodule)
+    trainer, tracker, interruption = build_trainer(cfg, run_dir, choices)
     # dataset.batch_size is per device; one optimizer step sees this many samples
-    summary["global_batch_size"] = cfg.dataset.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+    accumulated = cfg.trainer.get("accumulate_grad_batches", 1)  # absent from older runs' configs
+    summary["global_batch_size"] = cfg.dataset.batch_size * trainer.world_size * accumulated
     if trainer.is_global_zero:
         if cfg.print_config:
             print_config_tree(cfg, choices)
@@ -167,25 +165,23 @@ def build_trainer(
     cfg: DictConfig,
     run_dir: RunDir,
     choices: dict[str, Any],
-    datamodule: InMemoryDataModule,
     extra_callbacks: Sequence[pl.Callback] = (),
 ) -> tuple[pl.Trainer, MonitorTracker, Interruption]:
-    """Lightning's Trainer from the trainer and hardware groups, with dlrun's callbacks and loggers; the
-    data module learns how to group training batches. The benchmarks build the same trainer (plus a
-    timer) to measure what `dlrun` runs."""
+    """Lightning's Trainer from the trainer and hardware groups, with dlrun's callbacks and loggers, and
+    grouped execution (steps_per_execution, accumulate_grad_batches: see training/grouping.py). The
+    benchmarks build the same trainer (plus a timer) to measure what `dlrun` runs."""
     validating = cfg.trainer.limit_val_batches != 0
     callbacks, tracker = build_callbacks(cfg.callbacks, run_dir, validating)
     interruption = Interruption()
     callbacks += [interruption, FirstStepClock(), *extra_callbacks]
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    steps_per_execution = trainer_args.pop("steps_per_execution", "auto")  # absent from older runs' configs
-    train_limit = trainer_args.pop("limit_train_batches")  # counted in batches by the data module
+    grouping = GroupedExecution.from_trainer_args(trainer_args)  # dlrun's keys, not Lightning's
+    callbacks.append(grouping)
     if "profiler" in trainer_args:  # debug=profile: Lightning's profiler, built from its _target_
         trainer_args["profiler"] = instantiate(cfg.trainer.profiler)
     try:
         trainer = pl.Trainer(
             **trainer_args,
-            limit_train_batches=train_limit if train_limit == 0 else 1.0,
             **OmegaConf.to_container(cfg.hardware, resolve=True),
             logger=build_loggers(cfg.logger, run_dir.path) or False,
             callbacks=callbacks,
@@ -199,21 +195,8 @@ def build_trainer(
             "hardware=cpu runs anywhere; hardware=auto takes the best device this machine has.",
             title="Hardware not available",
         ) from err
-    datamodule.group_training_batches(_steps_per_execution(steps_per_execution, trainer.world_size), train_limit)
+    grouping.resolve(trainer.world_size)
     return trainer, tracker, interruption
-
-
-def _steps_per_execution(setting: int | str, world_size: int) -> int:
-    """Training batches per Lightning step. One under DDP: the gradient all-reduce is armed by the
-    wrapped module's forward, once per training_step call, so a second step in the call would not sync."""
-    if setting == "auto":
-        return AUTO_STEPS_PER_EXECUTION if world_size == 1 else 1
-    if setting > 1 and world_size > 1:
-        raise UserError(
-            f"trainer.steps_per_execution = {setting}: DDP ({world_size} processes) needs 1 step per execution",
-            "Leave it at auto (1 under DDP, more on one device).",
-        )
-    return setting
 
 
 def build_experiment(

@@ -485,24 +485,6 @@ def test_debug_fast_runs_on_every_data_set(dlrun_main, tmp_path, model, name):
     assert tested and all(math.isfinite(v) for v in tested.values())
 
 
-def test_grouped_batches_are_the_same_batches_and_limits_count_batches():
-    """trainer.steps_per_execution groups the epoch's batches without changing them; limits count batches."""
-    x, y = torch.arange(100.0).unsqueeze(1), torch.arange(100)
-
-    def batches(**kwargs) -> IndexBatches:
-        return IndexBatches(x, y, 8, shuffle=True, seed=3, epoch=lambda: 2, **kwargs)
-
-    single = list(batches())
-    assert len(batches()) == len(single) == 13 and sorted(torch.cat([b[1] for b in single]).tolist()) == list(range(100))
-    grouped = batches(group=5)
-    assert len(grouped) == 3 and [len(g) for g in grouped] == [5, 5, 3]
-    for (gx, gy), (sx, sy) in zip([b for group in grouped for b in group], single, strict=True):
-        assert torch.equal(gx, sx) and torch.equal(gy, sy)
-    assert [len(g) for g in batches(group=5, limit=7)] == [5, 2] and len(batches(group=5, limit=7)) == 2
-    assert len(batches(limit=0.5)) == 6 and len(batches(limit=0.01)) == 1 and len(batches(limit=0.0)) == 0
-    assert [len(g) for g in batches(group=16)] == [13]
-
-
 # --- precision, recall and F1 (validation and test only) ---------------------------------------------------
 PRF = ("precision", "recall", "f1")
 

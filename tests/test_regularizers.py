@@ -378,7 +378,7 @@ def fit(compose_cfg, *overrides: str) -> tuple[pl.Trainer, Experiment]:
     choices.update(o.split("=", 1) for o in overrides if o.split("=", 1)[0] in choices)
     datamodule, _, module = build_experiment(cfg, choices)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, _, _ = build_trainer(cfg, RunDir(tmp), choices, datamodule)
+        trainer, _, _ = build_trainer(cfg, RunDir(tmp), choices)
         trainer.fit(module, datamodule=datamodule)
     return trainer, module
 

@@ -28,6 +28,7 @@ from dlrun.errors import UserError
 from dlrun.run import build_experiment, build_trainer
 from dlrun.rundir import RunDir, RunInterrupted, load_checkpoint
 from dlrun.training.callbacks import Diverged, DivergenceGuard
+from dlrun.training.grouping import GroupedExecution
 
 DLRUN = [sys.executable, "-m", "dlrun.cli"]
 DLRUN_EVAL = [sys.executable, "-m", "dlrun.evaluate"]
@@ -71,7 +72,7 @@ def _fit(cfg: DictConfig, run_dir: RunDir, stop: pl.Callback | None = None, resu
     """The run flow of dlrun.run, in process: returns what summary.json would hold, or {} if stopped."""
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule, _, module = build_experiment(cfg, {"dataset": "digits", "model": "mlp"})
-    trainer, tracker, _ = build_trainer(cfg, run_dir, {}, datamodule, extra_callbacks=[stop] if stop else [])
+    trainer, tracker, _ = build_trainer(cfg, run_dir, {}, extra_callbacks=[stop] if stop else [])
     ckpt = str(run_dir.checkpoint("last")) if resume else None
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
@@ -83,7 +84,7 @@ def _fit(cfg: DictConfig, run_dir: RunDir, stop: pl.Callback | None = None, resu
         "best": tracker.state_dict(),  # the best value, epoch and metrics, and the last epoch's
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "weights": {k: v.clone() for k, v in module.state_dict().items()},
-        "direct_steps": module._direct_steps,
+        "direct_steps": next(c for c in trainer.callbacks if isinstance(c, GroupedExecution)).direct_steps,
     }
 
 
@@ -209,7 +210,7 @@ def test_signals_stop_at_the_next_batch(resume_cfg, tmp_path, signum, steps_per_
     grouped = OmegaConf.merge(resume_cfg, {"trainer": {"steps_per_execution": steps_per_execution}})
     pl.seed_everything(0, verbose=False)
     datamodule, _, module = build_experiment(grouped, {})
-    trainer, _, interruption = build_trainer(grouped, RunDir(tmp_path), {}, datamodule)
+    trainer, _, interruption = build_trainer(grouped, RunDir(tmp_path), {})
 
     def kill_during_step_5(network, inputs):
         if trainer.training and trainer.global_step == 5:

@@ -9,7 +9,6 @@ per-sample Python, no host-to-device copy per batch).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -43,14 +42,12 @@ class Arrays:
 
 
 class IndexBatches:
-    """An iterable of (x, y) batches drawn from tensors by index, or of lists of them with `group`.
+    """An iterable of (x, y) batches drawn from tensors by index.
 
-    With `shuffle`, each epoch uses a permutation drawn from (seed, epoch), so a resumed run sees the
-    same batches as an uninterrupted one. Under DDP each rank takes every world-th index of the same
-    permutation; training drops the remainder so that every rank runs the same number of steps.
-    `limit` keeps the first batches of each epoch only: a number of batches (int) or a fraction (float),
-    Lightning's `limit_train_batches` counted in batches rather than in groups. With `group`, the
-    batches come in lists of up to `group` (Experiment.training_step trains on each in turn).
+    With `shuffle` (training), each epoch uses a permutation drawn from (seed, epoch), so a resumed run
+    sees the same batches as an uninterrupted one. Under DDP each rank takes every world-th index of the
+    same permutation; training drops the remainder so that every rank runs the same number of steps.
+    Training also drops a last batch of one sample after full ones: batch norm cannot train on it.
     """
 
     def __init__(
@@ -63,8 +60,6 @@ class IndexBatches:
         epoch: Callable[[], int] = lambda: 0,
         rank: int = 0,
         world_size: int = 1,
-        limit: int | float = 1.0,
-        group: int | None = None,
     ):
         self.x, self.y = x, y
         self.batch_size = batch_size
@@ -72,8 +67,6 @@ class IndexBatches:
         self.seed = seed
         self.epoch = epoch
         self.rank, self.world_size = rank, world_size
-        self.limit = limit
-        self.group = group
 
     def _indices(self) -> torch.Tensor:
         n = len(self.x)
@@ -88,28 +81,20 @@ class IndexBatches:
             order = order[self.rank :: self.world_size]
         return order.to(self.x.device)
 
-    def n_batches(self) -> int:
-        """Batches per epoch (on this rank), after the limit."""
+    def __len__(self) -> int:
+        """Batches per epoch (on this rank)."""
         n = len(self.x)
         if self.world_size > 1:
             n = n // self.world_size if self.shuffle else len(range(self.rank, n, self.world_size))
-        batches = -(-n // self.batch_size)
-        if isinstance(self.limit, float):  # a fraction, at least one batch unless it is 0
-            return max(int(batches * self.limit), 1) if self.limit > 0 and batches else 0
-        return min(batches, self.limit)
+        if self.shuffle and n > self.batch_size and n % self.batch_size == 1:
+            return n // self.batch_size  # the sample left over waits for the next epoch's permutation
+        return -(-n // self.batch_size)
 
-    def __len__(self) -> int:
-        return self.n_batches() if self.group is None else -(-self.n_batches() // self.group)
-
-    def __iter__(self) -> Iterator:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._indices()
-        starts = range(0, self.n_batches() * self.batch_size, self.batch_size)
-        batches = ((self.x[index], self.y[index]) for index in (order[s : s + self.batch_size] for s in starts))
-        if self.group is None:
-            yield from batches
-            return
-        while group := list(itertools.islice(batches, self.group)):
-            yield group
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.x[index], self.y[index]
 
 
 class InMemoryDataModule(pl.LightningDataModule):
@@ -144,8 +129,6 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.spec: DataSpec | None = None
         self.norm_stats: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.steps_per_execution = 1  # training batches per Lightning step: see group_training_batches
-        self.train_batch_limit: int | float = 1.0
         # fit_transform's fitted state, as plain JSON data (None: the data set has no preprocessing of its
         # own). Set before prepare(), it is applied as given instead of fitted: see use_preprocessing.
         self.preprocessing: dict | None = None
@@ -246,18 +229,13 @@ class InMemoryDataModule(pl.LightningDataModule):
         std = x.std(dim=dims).reshape(shape)
         return mean, torch.where(std > 1e-8, std, torch.ones_like(std))
 
-    def group_training_batches(self, steps_per_execution: int, limit: int | float) -> None:
-        """Hand training batches to Lightning in lists of `steps_per_execution`, at most `limit` batches an
-        epoch (a number or a fraction). Lightning's own limit would count the lists, not the batches."""
-        self.steps_per_execution, self.train_batch_limit = steps_per_execution, limit
-
     # --- Lightning hooks ------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in self.splits.items()}
 
-    def _batches(self, split: str, shuffle: bool, **grouping) -> IndexBatches:
+    def _batches(self, split: str, shuffle: bool) -> IndexBatches:
         x, y = self.splits[split]
         trainer = self.trainer
         return IndexBatches(
@@ -269,16 +247,15 @@ class InMemoryDataModule(pl.LightningDataModule):
             epoch=(lambda: trainer.current_epoch) if trainer is not None else (lambda: 0),
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
-            **grouping,
         )
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         """Batches are drawn from tensors already on the device (see setup): nothing to move, and no walk
-        through a list of them per training_step call."""
+        through a group of them per training_step call (dlrun/training/grouping.py)."""
         return batch
 
     def train_dataloader(self) -> IndexBatches:
-        return self._batches("train", shuffle=True, limit=self.train_batch_limit, group=self.steps_per_execution)
+        return self._batches("train", shuffle=True)
 
     def val_dataloader(self) -> IndexBatches:
         return self._batches("val", shuffle=False)

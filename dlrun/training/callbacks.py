@@ -27,8 +27,8 @@ from pytorch_lightning.callbacks import (
     RichProgressBar,
 )
 
-from dlrun.data.datamodule import IndexBatches
 from dlrun.rundir import RunDir, RunInterrupted
+from dlrun.training.grouping import optimizer_steps_per_epoch, restart_epoch_progress
 
 log = logging.getLogger("dlrun")
 
@@ -93,14 +93,7 @@ class ResumeCheckpoint(Callback):
         self.path = run_dir.checkpoint("last")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The epoch loop resets its per-epoch progress right after this hook; resetting it first
-        # makes the checkpoint read "epoch N, no batch yet" (not "epoch N-1's batches all done",
-        # which Lightning would restart by skipping epoch N).
-        loop = trainer.fit_loop.epoch_loop
-        for progress in (loop.batch_progress, loop.scheduler_progress, loop.automatic_optimization.optim_progress,
-                         loop.manual_optimization.optim_step_progress, loop.val_loop.batch_progress):
-            progress.reset_on_run()
-        loop.val_loop.batch_progress.total.reset()
+        restart_epoch_progress(trainer)  # so that the checkpoint reads "epoch N, no batch yet"
         trainer.save_checkpoint(self.path)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -258,13 +251,13 @@ class FirstStepClock(Callback):
 
 
 class StepProgressBar(RichProgressBar):
-    """Lightning's rich progress bar, counting training steps (batches), not training_step calls: each call
-    trains on `trainer.steps_per_execution` batches (see Experiment)."""
+    """Lightning's rich progress bar, counting optimizer steps, not training_step calls: a call trains on
+    `trainer.steps_per_execution` batches, a step takes `trainer.accumulate_grad_batches` (see grouping.py)."""
 
     @property
     def total_train_batches(self) -> int | float:
-        batches = self.trainer.train_dataloader
-        return batches.n_batches() if isinstance(batches, IndexBatches) else super().total_train_batches
+        steps = optimizer_steps_per_epoch(self.trainer)
+        return super().total_train_batches if steps is None else steps
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start_step = trainer.global_step

@@ -1,23 +1,23 @@
 """The one LightningModule: a network, a task, an optimizer, a schedule and the regularizers.
 
-Lightning hands `training_step` a list of batches (`trainer.steps_per_execution` of them; the data
-module groups them) and the module trains on each in turn, with manual optimization: Lightning's
-per-batch machinery (hooks, progress, logging) costs a millisecond or more on a CPU, more than a small
-network's whole step, and is paid once per list. One training step, in order; each regularizer hook
-runs for every selected regularizer, in list order (see regularizers.py):
+Lightning hands `training_step` a group of batches (`trainer.steps_per_execution` of them) and the
+module trains on each in turn, with manual optimization: Lightning's per-batch machinery (hooks,
+progress, logging) costs a millisecond or more on a CPU, more than a small network's whole step, and is
+paid once per group. dlrun/training/grouping.py groups the batches and makes backward and the optimizer
+step, one per `trainer.accumulate_grad_batches` batches. One training batch, in order; each regularizer
+hook runs for every selected regularizer, in list order (see regularizers.py):
 
     transform_batch         augmentation, input noise (training batches only)
     forward                 with weight_perturbation (weight noise) when a regularizer asks for one
     loss                    data loss (label-smoothed when selected) + every penalty
-    backward                Lightning's manual_backward (loss scaling under mixed precision, DDP hooks)
+    backward                Lightning's manual_backward (loss scaling under mixed precision, DDP hooks),
+                            or directly (grouping.py); gradients add up over an accumulation window
+and at the window's end (every batch unless gradients are accumulated):
     on_before_optimizer_step  the gradient norm is recorded (before clipping), then grad_clip; Lightning
                             calls it from inside optimizer.step, after unscaling the gradients
     optimizer step          the LightningOptimizer's: counts trainer.global_step, skips inf steps under AMP
     on_after_optimizer_step   max_norm
     schedule                an interval=step schedule steps; epoch schedules step at the epoch's end
-
-With one process at plain precision, backward and step are made directly (`_direct_step`): the same
-calls, without Lightning's per-step dispatch.
 """
 
 from __future__ import annotations
@@ -28,13 +28,11 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
-from pytorch_lightning.core.optimizer import LightningOptimizer
-from pytorch_lightning.plugins.precision import Precision
-from pytorch_lightning.strategies import SingleDeviceStrategy
 from torch.func import functional_call
 
 from dlrun.metrics import LEARNING_RATE
 from dlrun.training.callbacks import Interruption
+from dlrun.training.grouping import GroupedExecution
 from dlrun.training.metrics import EpochMetrics
 from dlrun.training.optimizers import build_optimizer
 from dlrun.training.regularizers import Regularizer
@@ -68,7 +66,7 @@ class Experiment(pl.LightningModule):
         self._epoch_lr = float("nan")
         self._schedule: dict | None = None  # build_scheduler's: the scheduler, its interval and monitor
         self.automatic_optimization = False  # training_step steps the optimizer: see the module docstring
-        self._direct_steps = False  # set by on_train_start
+        self._execution = GroupedExecution()  # the trainer's, from on_train_start
         self._interruption: Interruption | None = None  # set by on_train_start
         self._network_params = list(network.parameters())
 
@@ -76,26 +74,28 @@ class Experiment(pl.LightningModule):
         return self.network(x)
 
     # --- steps ------------------------------------------------------------------------------------
-    def training_step(self, batches, batch_idx):
-        """Train on each (x, y) in `batches`; return the data losses, one per step, for DivergenceGuard."""
-        optimizer = self.optimizers()
-        step = self._direct_step if self._direct_steps else self._lightning_step
-        if self.trainer.max_steps >= 0:  # Lightning checks max_steps only between training_step calls
-            batches = batches[: max(self.trainer.max_steps - self.trainer.global_step, 0)]
+    def training_step(self, batch, batch_idx):
+        """Train on each (x, y) of the call's batches; return the data loss of each optimizer step taken (the
+        mean over its accumulated batches), for DivergenceGuard."""
+        optimizer, execution = self.optimizers(), self._execution
         losses = []
-        for x, y in batches:
-            if losses and self._interruption is not None and self._interruption.signum is not None:
+        for i, (x, y) in enumerate(execution.batches_of(batch)):
+            if i and self._interruption is not None and self._interruption.signum is not None:
                 break  # a signal: Interruption stops the run after this call; the rest of the group waits
+            if execution.max_steps_reached(self.trainer):
+                break
             objective, loss = self.training_objective(x, y)
-            optimizer.zero_grad()
-            step(objective, optimizer)
+            step_loss = execution.backward(self, objective, loss, optimizer)
+            if step_loss is None:  # accumulating gradients: no optimizer step yet
+                continue
+            execution.step(self, optimizer)
             for reg in self.regularizers:
                 reg.on_after_optimizer_step(self.network)
             if self._schedule is not None and self._schedule["interval"] == "step":
                 self._schedule["scheduler"].step()
-            losses.append(loss)
+            losses.append(step_loss)
         self.metrics.flush("train")
-        self._count_logged_steps(len(losses))
+        execution.count_logged_steps(self.trainer, len(losses))
         return torch.stack(losses) if losses else None
 
     def training_objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,41 +114,13 @@ class Experiment(pl.LightningModule):
             objective = objective + penalty
         return objective, loss.detach()
 
-    def _lightning_step(self, objective: torch.Tensor, optimizer: LightningOptimizer) -> None:
-        """Backward and step through Lightning's strategy and precision plugin (loss scaling, DDP)."""
-        self.manual_backward(objective)
-        optimizer.step()  # calls on_before_optimizer_step, after unscaling
-
-    def _direct_step(self, objective: torch.Tensor, optimizer: LightningOptimizer) -> None:
-        """What _lightning_step does with one process at plain precision, minus Lightning's per-step
-        dispatch (strategy -> precision plugin -> closure -> hook loops: ~0.3 ms a step on a CPU core);
-        `on_train_start` checks that no callback listens to the hooks that dispatch would call."""
-        objective.backward()
-        optimizer._on_before_step()  # Lightning's own bookkeeping: trainer.global_step, the profiler
-        self.on_before_optimizer_step(optimizer)
-        optimizer.optimizer.step()
-        optimizer._on_after_step()
-
     def on_train_start(self) -> None:
         self._network_params = list(self.network.parameters())  # walking the module tree each step costs more
         trainer = self.trainer
-        listened = any(
-            getattr(type(callback), hook) is not getattr(pl.Callback, hook)
-            for callback in trainer.callbacks
-            for hook in ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
-        )
-        self._direct_steps = (
-            type(trainer.strategy) is SingleDeviceStrategy and type(trainer.precision_plugin) is Precision
-            and not listened
-        )
+        self._execution = GroupedExecution.for_training(trainer)
         # With one process a signal ends the group early; DDP ranks stop together, at a call's end (Interruption)
         single = trainer.world_size == 1
         self._interruption = next((c for c in trainer.callbacks if isinstance(c, Interruption) and single), None)
-
-    def _count_logged_steps(self, steps: int) -> None:
-        """Loggers label each row with Lightning's count of optimizer steps, which counts one per
-        training_step call; make it count the steps taken, so the x axis is the same whatever the grouping."""
-        self.trainer.fit_loop.epoch_loop._batches_that_stepped += steps - 1
 
     def validation_step(self, batch, batch_idx):
         x, y = batch

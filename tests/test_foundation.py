@@ -155,10 +155,9 @@ def test_config_errors_do_not_import_torch(tmp_path):
 def test_run_mode_read_off_the_command_line_is_hydras(overrides):
     """dlrun skips the composition Hydra makes only to read hydra.mode: no config of dlrun's may set it."""
     from hydra import compose, initialize_config_dir
-
-    from dlrun import CONF_DIR
     from hydra.core.global_hydra import GlobalHydra
 
+    from dlrun import CONF_DIR
     from dlrun.cli import mode_from_command_line
 
     GlobalHydra.instance().clear()

@@ -17,12 +17,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 from hydra import compose, initialize_config_dir
-
-from dlrun import CONF_DIR
 from hydra.core.global_hydra import GlobalHydra
 from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 from omegaconf import OmegaConf
 
+from dlrun import CONF_DIR
 from dlrun.run import build_experiment
 from dlrun.sweep import summary as sweep_summary
 from dlrun.sweep.launcher import Job, run_jobs

@@ -14,6 +14,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from dlrun.errors import UserError
+from dlrun.run_summary import RunSummary
 
 console = Console()
 err_console = Console(stderr=True)
@@ -49,21 +50,20 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def print_run_summary(summary: Mapping[str, Any]) -> None:
+def print_run_summary(summary: RunSummary) -> None:
     """The final metrics of one run and where its files are."""
-    table = Table(title=f"dlrun · {summary.get('status', '?')}", show_header=True, header_style="bold")
+    table = Table(title=f"dlrun · {summary.status}", show_header=True, header_style="bold")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for name, value in summary.get("metrics", {}).items():
+    for name, value in summary.metrics.items():
         table.add_row(name, format_value(value))
     console.print(table)
-    best = summary.get("best_value")
     console.print(
-        f"best [bold]{summary.get('monitor')}[/bold] = {format_value(best)} at epoch {summary.get('best_epoch')}"
-        f" · {summary.get('epochs')} epochs · {summary.get('wall_seconds', 0):.1f} s"
-        f" · {summary.get('params', 0):,} parameters"
+        f"best [bold]{summary.monitor}[/bold] = {format_value(summary.best_value)} at epoch {summary.best_epoch}"
+        f" · {summary.epochs} epochs · {summary.wall_seconds or 0:.1f} s"
+        f" · {summary.params or 0:,} parameters"
     )
-    console.print(f"run directory: [link]{summary.get('run_dir')}[/link]")
+    console.print(f"run directory: [link]{summary.run_dir}[/link]")
 
 
 def print_user_error(error: UserError) -> None:

@@ -20,14 +20,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-
-from dlrun import CONF_DIR
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from sklearn.metrics import f1_score
 
+from dlrun import CONF_DIR
+from dlrun.command_line import rank_command
 from dlrun.config import find_problems
-from dlrun.distributed import rank_command
 
 REPO = Path(__file__).resolve().parents[1]
 

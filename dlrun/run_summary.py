@@ -7,9 +7,10 @@ README; a field that is None is left out of the file (not recorded), except `bes
 `metrics` and `overrides` are always written (empty: none).
 
 Reading is tolerant: a summary.json written before `schema_version` existed (read as version 0), or by
-an older or newer dlrun, still reads. A known key whose value has the wrong type reads as absent; keys
-this version does not know are kept, in `extra`, and written back, so that rewriting a summary (the
-launcher adds `sweep_job`) never loses what a newer dlrun recorded. Imports no torch.
+an older or newer dlrun, still reads. A known key whose value has the wrong type reads as absent (and
+is not written back); keys this version does not know are kept, in `extra`, and written back, so that
+rewriting a summary (the launcher adds `sweep_job`) never loses what a newer dlrun recorded. Imports
+no torch.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ RESUMABLE = ("running", "failed", "interrupted")  # "running": the process was k
 
 @dataclass
 class RunSummary:
-    """One run's summary.json. Field order is the file's key order."""
+    """One run's summary.json; the file's keys are schema_version, then these fields in this order.
+
+    A new key is one more field, None by default (left out of the file until set), e.g. another set of
+    metrics beside `metrics`: `last_epoch: dict[str, float] | None = None`.
+    """
 
     status: str = "running"
     monitor: str | None = None  # callbacks.monitor, and whether lower or higher is better

@@ -15,6 +15,7 @@ from rich.tree import Tree
 
 from dlrun.errors import UserError
 from dlrun.metrics import ordered
+from dlrun.run_summary import RunSummary
 
 console = Console()
 err_console = Console(stderr=True)
@@ -50,29 +51,28 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def print_run_summary(summary: Mapping[str, Any]) -> None:
+def print_run_summary(summary: RunSummary) -> None:
     """The metrics of the model the run tested (the best epoch's; test/* on best.ckpt), the last epoch's
     beside them where it is another, and where the run's files are."""
-    table = Table(title=f"dlrun · {summary.get('status', '?')}", show_header=True, header_style="bold")
-    metrics = ordered(summary.get("metrics", {}))
-    last = summary.get("last_epoch") or {}
+    table = Table(title=f"dlrun · {summary.status}", show_header=True, header_style="bold")
+    metrics = ordered(summary.metrics)
+    last = summary.last_epoch or {}
     last_metrics = last.get("metrics") or {}
     # the last epoch's column where it differs from the best's (early stopping, a later worse epoch)
-    show_last = last.get("epoch") is not None and last.get("epoch") != summary.get("best_epoch") and last_metrics
+    show_last = last.get("epoch") is not None and last.get("epoch") != summary.best_epoch and last_metrics
     table.add_column("metric")
-    table.add_column("value" if not show_last else f"best epoch ({summary.get('best_epoch')})", justify="right")
+    table.add_column("value" if not show_last else f"best epoch ({summary.best_epoch})", justify="right")
     if show_last:
         table.add_column(f"last epoch ({last['epoch']})", justify="right")
     for name, value in metrics.items():
         table.add_row(name, format_value(value), *([_show(last_metrics.get(name))] if show_last else []))
     console.print(table)
-    best = summary.get("best_value")
     console.print(
-        f"best [bold]{summary.get('monitor')}[/bold] = {format_value(best)} at epoch {summary.get('best_epoch')}"
-        f" · {summary.get('epochs')} epochs · {summary.get('wall_seconds', 0):.1f} s"
-        f" · {summary.get('params', 0):,} parameters"
+        f"best [bold]{summary.monitor}[/bold] = {format_value(summary.best_value)} at epoch {summary.best_epoch}"
+        f" · {summary.epochs} epochs · {summary.wall_seconds or 0:.1f} s"
+        f" · {summary.params or 0:,} parameters"
     )
-    console.print(f"run directory: [link]{summary.get('run_dir')}[/link]")
+    console.print(f"run directory: [link]{summary.run_dir}[/link]")
 
 
 def _show(value: Any) -> str:

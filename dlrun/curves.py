@@ -57,7 +57,9 @@ def stop_note(summary: Mapping[str, Any], max_epochs: int | None, last_epoch: in
 def write_curves(run_dir: str | Path, summary: Mapping[str, Any] | None = None) -> Path:
     """Draw `<run dir>/curves.png` (atomically) from its metrics.csv and summary (summary.json if not given)."""
     run_dir = Path(run_dir)
-    summary = summary if summary is not None else (read_summary_file(run_dir / "summary.json") or {})
+    if summary is None:
+        saved = read_summary_file(run_dir / "summary.json")
+        summary = saved.to_json() if saved is not None else {}
     image = draw(read_metrics(run_dir / "metrics.csv"), summary, _max_epochs(run_dir / "config.yaml"))
     path = run_dir / CURVES_FILE
     write_atomic(path, image)

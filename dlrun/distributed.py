@@ -5,8 +5,8 @@ Lightning's `ddp` strategy starts ranks 1..N-1 of a node by running the current 
 right for a single `dlrun` run and wrong for a sweep job: `run.dir` is not the job's directory, and
 the command line holds `-m` and the sweep's comma lists, so each child would run the whole sweep
 again in new directories. `children_join_this_run` therefore gives the children, for the length of
-fit and test, this job's own command line (its overrides, in RUN mode, without a log file) and this
-job's directory as `run.dir`. Ranks > 0 then compose the same config, join the process group, and
+fit and test, this job's own command line (`dlrun.command_line.rank_command`: its overrides, in RUN
+mode, without a log file) and this job's directory as `run.dir`. Ranks > 0 then compose the same config, join the process group, and
 write nothing: rank 0 alone writes config, metrics, checkpoints, log and summary.
 
 We use `ddp` rather than `ddp_spawn`: the main process stays rank 0, so the run directory, the
@@ -24,18 +24,15 @@ from contextlib import contextmanager
 
 import pytorch_lightning as pl
 import torch
-from hydra._internal.utils import get_args_parser
 from omegaconf import DictConfig, read_write
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from dlrun.command_line import rank_command
+
 # Set by Lightning's launcher in the main process for its children; cleared after the job so that a
 # later job in the same process (Hydra's basic launcher) starts its own children again.
 _LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
-# Hydra settings that only matter to a sweep (and may hold its comma lists): not for a rank's command.
-_SWEEP_ONLY = ("hydra.mode", "hydra.sweep", "hydra.sweeper", "hydra/sweeper", "hydra.launcher", "hydra/launcher")
-# A rank > 0 logs nowhere: rank 0's dlrun.log is the run's log.
-_NO_LOG_FILE = ("~hydra.job_logging.handlers", "hydra.job_logging.root.handlers=[]")
 
 
 def is_rank_zero() -> bool:
@@ -52,22 +49,6 @@ def keep_log_to_rank_zero() -> None:
     for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
         root.removeHandler(handler)
         handler.close()
-
-
-def rank_command(argv: list[str], hydra_cfg: DictConfig) -> list[str]:
-    """The command line that re-creates this job, and only this job, as a single run."""
-    args = get_args_parser().parse_args(argv[1:])
-    flags = [
-        f"--{name.replace('_', '-')}={value}"
-        for name, value in (
-            ("config_path", args.config_path),
-            ("config_name", args.config_name),
-            ("config_dir", args.config_dir),
-        )
-        if value is not None
-    ]
-    hydra_overrides = [o for o in hydra_cfg.overrides.hydra if not o.lstrip("~+").startswith(_SWEEP_ONLY)]
-    return [argv[0], *flags, *hydra_overrides, *hydra_cfg.overrides.task, "hydra.mode=RUN", *_NO_LOG_FILE]
 
 
 @contextmanager

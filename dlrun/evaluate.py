@@ -61,9 +61,9 @@ def resolve(target: str | Path, which: str = "best") -> tuple[RunDir, Path]:
 
 def _choices(run_dir: RunDir) -> dict[str, Any]:
     """The run's group choices (data set and model names), from summary.json or Hydra's record."""
-    summary = run_dir.read_summary_if_any() or {}
-    if isinstance(summary.get("choices"), dict):
-        return summary["choices"]
+    summary = run_dir.read_summary_if_any()
+    if summary is not None and summary.choices is not None:
+        return summary.choices
     try:
         return dict(OmegaConf.load(run_dir.path / ".hydra" / "hydra.yaml").hydra.runtime.choices)
     except Exception:  # no record: the names only label messages
@@ -140,10 +140,15 @@ def ensemble_members(targets: list[str | Path], which: str = "best") -> list[tup
         path = Path(target).expanduser()
         if _is_sweep_dir(path):
             runs = [RunDir(p.parent) for p in sorted(path.glob("*/summary.json"))]
-            members += [resolve(r.path, which) for r in runs if (r.read_summary_if_any() or {}).get("status") == "completed"]
+            members += [resolve(r.path, which) for r in runs if _status(r) == "completed"]
         else:
             members.append(resolve(path, which))
     return members
+
+
+def _status(run_dir: RunDir) -> str | None:
+    summary = run_dir.read_summary_if_any()
+    return summary.status if summary is not None else None
 
 
 def _is_sweep_dir(path: Path) -> bool:

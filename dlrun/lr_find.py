@@ -50,7 +50,7 @@ def compose(overrides: list[str]):
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import open_dict
 
-    from dlrun.cli import as_user_error
+    from dlrun.error_boundary import as_user_error
     from dlrun.config import validate
 
     GlobalHydra.instance().clear()

@@ -34,6 +34,7 @@ from dlrun.distributed import children_join_this_run, is_rank_zero, keep_log_to_
 from dlrun.errors import UserError
 from dlrun.metrics import monitor_example, summary_metrics
 from dlrun.models.base import build_network, require_knobs
+from dlrun.run_summary import RunSummary
 from dlrun.rundir import RunDir, RunInterrupted, load_checkpoint
 from dlrun.tracking import build_loggers, finalize_loggers
 from dlrun.training.callbacks import Diverged, FirstStepClock, Interruption, MonitorTracker, build_callbacks
@@ -78,21 +79,21 @@ def run_experiment(cfg: DictConfig) -> float | None:
     overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("resume=")]
     choices = dict(hydra_cfg.runtime.choices)
     started = time.time()
-    summary: dict[str, Any] = {
-        "status": "running",
-        "monitor": cfg.callbacks.monitor,
-        "mode": cfg.callbacks.mode,
-        "seed": cfg.seed,
-        "overrides": overrides,
-        "choices": {k: v for k, v in choices.items() if not k.startswith("hydra")},
-        "dlrun_version": __version__,
-        "run_dir": str(run_dir.path),
-        "started_at": _now(),
-    }
+    summary = RunSummary(
+        status="running",
+        monitor=cfg.callbacks.monitor,
+        mode=cfg.callbacks.mode,
+        seed=cfg.seed,
+        overrides=overrides,
+        choices={k: v for k, v in choices.items() if not k.startswith("hydra")},
+        dlrun_version=__version__,
+        run_dir=str(run_dir.path),
+        started_at=_now(),
+    )
     previous = run_dir.read_summary_if_any() if resuming else None
     if previous:  # one summary for the whole run, however many sessions it took
-        summary["started_at"] = previous.get("started_at", summary["started_at"])
-        started -= previous.get("wall_seconds", 0.0)
+        summary.started_at = previous.started_at or summary.started_at
+        started -= previous.wall_seconds or 0.0
     keep_log_to_rank_zero()
     if is_rank_zero() and not resuming:  # DDP ranks > 0 share this directory and write nothing to it
         run_dir.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -101,20 +102,19 @@ def run_experiment(cfg: DictConfig) -> float | None:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule, spec, module = build_experiment(cfg, choices)
-    summary["params"] = sum(p.numel() for p in module.network.parameters())
-    summary["data"] = spec.describe()
-    if datamodule.notes:
-        summary["data_notes"] = datamodule.notes
+    summary.params = sum(p.numel() for p in module.network.parameters())
+    summary.data = spec.describe()
+    summary.data_notes = datamodule.notes or None
     if datamodule.preprocessing is not None and is_rank_zero() and not resuming:
         run_dir.write_text(run_dir.preprocessing_file.name, json.dumps(datamodule.preprocessing, indent=2) + "\n")
     resume_from = _resume_checkpoint(run_dir, module) if resuming else None
     if resume_from:
-        summary["resumed"] = [*(previous or {}).get("resumed", []), {"at": _now(), "epoch": resume_from[1]}]
+        summary.resumed = [*((previous and previous.resumed) or []), {"at": _now(), "epoch": resume_from[1]}]
 
     trainer, tracker, interruption = build_trainer(cfg, run_dir, choices)
     # dataset.batch_size is per device; one optimizer step sees this many samples
     accumulated = cfg.trainer.get("accumulate_grad_batches", 1)  # absent from older runs' configs
-    summary["global_batch_size"] = cfg.dataset.batch_size * trainer.world_size * accumulated
+    summary.global_batch_size = cfg.dataset.batch_size * trainer.world_size * accumulated
     if trainer.is_global_zero:
         if cfg.print_config:
             print_config_tree(cfg, choices)
@@ -126,17 +126,17 @@ def run_experiment(cfg: DictConfig) -> float | None:
         with interruption.catching(), children_join_this_run(trainer, hydra_cfg):  # DDP: ranks > 0 run this job
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from and resume_from[0], weights_only=True)
             # read before testing: loading the best checkpoint restores the tracker's state as saved then
-            summary.update(best_value=tracker.best_value, best_epoch=tracker.best_epoch, epochs=trainer.current_epoch)
+            _record_training(summary, tracker, trainer)
             best_ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             fitted = tracker.state_dict()  # the best and the last epoch's metrics
             tested = trainer.test(module, datamodule=datamodule, ckpt_path=best_ckpt or None, verbose=False,
                                   weights_only=True)
             if interruption.signum is not None:  # arrived while testing: the run is complete but unrecorded
                 raise RunInterrupted(interruption.signum)
-        summary["status"] = "completed"
+        summary.status = "completed"
     except Diverged as err:
         # a result: the summary says where; the sweeper gets the worst value and goes on
-        summary.update(status="diverged", diverged=err.as_dict())
+        summary.status, summary.diverged = "diverged", err.as_dict()
         _stopped(summary, tracker, trainer, started, run_dir)
         if trainer.is_global_zero:
             print_run_summary(summary)
@@ -145,11 +145,11 @@ def run_experiment(cfg: DictConfig) -> float | None:
     except BaseException as err:
         # Lightning turns Ctrl-C into SystemExit(1) and SIGTERM into SIGTERMException: all are interruptions
         if interruption.signum is not None or isinstance(err, (RunInterrupted, SIGTERMException, KeyboardInterrupt)):
-            summary["status"] = "interrupted"
+            summary.status = "interrupted"
             _stopped(summary, tracker, trainer, started, run_dir)
             signum = interruption.signum or getattr(err, "signum", None) or 15
             raise RunInterrupted(signum, run_dir.path) from None
-        summary.update(status="failed", error=f"{type(err).__name__}: {err}")
+        summary.status, summary.error = "failed", f"{type(err).__name__}: {err}"
         _stopped(summary, tracker, trainer, started, run_dir)
         if isinstance(err, MisconfigurationException):  # e.g. a monitor that no metric has this name
             raise UserError(str(err), "Check the callbacks and trainer settings named above.",
@@ -158,7 +158,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
     _finish(summary, trainer, started, run_dir, summary_metrics(fitted, tested[0] if tested else {}))
     if trainer.is_global_zero:
         print_run_summary(summary)
-    return summary["best_value"]
+    return summary.best_value
 
 
 def build_trainer(
@@ -243,34 +243,36 @@ def _resume_checkpoint(run_dir: RunDir, module: Experiment) -> tuple[str, int] |
     return str(path), int(checkpoint.get("epoch", 0))
 
 
-def _stopped(summary, tracker, trainer, started, run_dir: RunDir) -> None:
+def _record_training(summary: RunSummary, tracker: MonitorTracker, trainer: pl.Trainer) -> None:
+    summary.best_value, summary.best_epoch = tracker.best_value, tracker.best_epoch
+    summary.epochs = trainer.current_epoch
+
+
+def _stopped(summary: RunSummary, tracker, trainer, started, run_dir: RunDir) -> None:
     """Write summary.json for a run that did not complete, with what it had reached."""
-    summary.setdefault("best_value", tracker.best_value)
-    summary.setdefault("best_epoch", tracker.best_epoch)
-    summary.setdefault("epochs", trainer.current_epoch)
+    if summary.epochs is None:  # stopped before fit ended
+        _record_training(summary, tracker, trainer)
     _finish(summary, trainer, started, run_dir, summary_metrics(tracker.state_dict(), {}))
 
 
-def _finish(summary, trainer, started, run_dir: RunDir, metrics: dict[str, Any]) -> None:
-    """Complete and write summary.json (rank 0 only); `metrics` is summary_metrics'."""
+def _finish(summary: RunSummary, trainer, started, run_dir: RunDir, reported: dict[str, Any]) -> None:
+    """Complete and write summary.json (rank 0 only); `reported` is summary_metrics': metrics, last_epoch."""
     clock = next((c for c in trainer.callbacks if isinstance(c, FirstStepClock)), None)
     if clock is not None and clock.first_step_at is not None:  # imports, data and model building
-        summary["startup_seconds"] = round(clock.first_step_at - IMPORTED_AT, 3)
-    summary.update(
-        metrics,
-        global_step=trainer.global_step,
-        wall_seconds=round(time.time() - started, 3),
-        finished_at=_now(),
-        checkpoints={
-            which: str(run_dir.checkpoint(which)) for which in ("best", "last") if run_dir.checkpoint(which).exists()
-        },
-        world_size=trainer.world_size,
-        device=str(trainer.strategy.root_device),
-        torch_version=torch.__version__,
-    )
+        summary.startup_seconds = round(clock.first_step_at - IMPORTED_AT, 3)
+    summary.global_step = trainer.global_step
+    summary.metrics, summary.last_epoch = reported["metrics"], reported["last_epoch"]
+    summary.wall_seconds = round(time.time() - started, 3)
+    summary.finished_at = _now()
+    summary.checkpoints = {
+        which: str(run_dir.checkpoint(which)) for which in ("best", "last") if run_dir.checkpoint(which).exists()
+    }
+    summary.world_size = trainer.world_size
+    summary.device = str(trainer.strategy.root_device)
+    summary.torch_version = torch.__version__
     if trainer.is_global_zero:
         run_dir.write_summary(summary)
-        write_curves(run_dir.path, summary)  # curves.png, from metrics.csv and the summary
+        write_curves(run_dir.path, summary.to_json())  # curves.png, from metrics.csv and the summary
         finalize_loggers(trainer.loggers, summary)  # W&B: the summary, then finish (exit code by status)
 
 

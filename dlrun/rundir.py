@@ -29,12 +29,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dlrun.errors import UserError
+from dlrun.run_summary import STATUSES, RunSummary
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-STATUSES = ("running", "completed", "failed", "diverged", "interrupted", "pruned")
-RESUMABLE = ("running", "failed", "interrupted")  # "running": the process was killed before it could say
 
 
 class RunInterrupted(BaseException):
@@ -70,13 +68,13 @@ def write_atomic(path: Path, text: str | bytes) -> None:
         raise
 
 
-def read_summary_file(path: Path) -> dict[str, Any] | None:
-    """A summary.json's content, or None where it is missing or unreadable (a run killed before writing it)."""
+def read_summary_file(path: Path) -> RunSummary | None:
+    """A summary.json, or None where it is missing or unreadable (a run killed before writing it)."""
     try:
         summary = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    return summary if isinstance(summary, dict) else None
+    return RunSummary.from_json(summary) if isinstance(summary, dict) else None
 
 
 class RunDir:
@@ -89,10 +87,6 @@ class RunDir:
     @property
     def summary_file(self) -> Path:
         return self.path / "summary.json"
-
-    @property
-    def metrics_file(self) -> Path:
-        return self.path / "metrics.csv"
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -148,14 +142,15 @@ class RunDir:
                             "The run directory is damaged; train the run again.", title="Unreadable run directory")
         return fitted
 
-    def read_summary_if_any(self) -> dict[str, Any] | None:
+    def read_summary_if_any(self) -> RunSummary | None:
         """summary.json, or None where the run was killed before writing one (or left it unreadable)."""
         return read_summary_file(self.summary_file)
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        if summary.get("status") not in STATUSES:
-            raise ValueError(f"unknown run status {summary.get('status')!r}")
-        write_atomic(self.summary_file, json.dumps(summary, indent=2, sort_keys=False, default=str) + "\n")
+    def write_summary(self, summary: RunSummary) -> None:
+        """The one writer of summary.json (the run, and the sweep launcher for a job that could not)."""
+        if summary.status not in STATUSES:
+            raise ValueError(f"unknown run status {summary.status!r}")
+        write_atomic(self.summary_file, json.dumps(summary.to_json(), indent=2, default=str) + "\n")
 
     def write_text(self, name: str, text: str) -> None:
         write_atomic(self.path / name, text)

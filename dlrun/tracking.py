@@ -33,6 +33,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from dlrun.console import console
 from dlrun.errors import UserError
+from dlrun.run_summary import RunSummary
 from dlrun.rundir import write_atomic
 
 log = logging.getLogger("dlrun")
@@ -123,8 +124,8 @@ class QuietOnFailure:
 
 
 # A run's status in summary.json -> the exit code W&B records: only a crash or an interrupt is a failed run;
-# a diverged or pruned run finished, and its status says how.
-_EXIT_CODES = {"completed": 0, "diverged": 0, "pruned": 0}
+# a diverged run finished, and its status says how.
+_EXIT_CODES = {"completed": 0, "diverged": 0}
 
 
 class WandbRunLogger(QuietOnFailure, WandbLogger):
@@ -230,20 +231,20 @@ class WandbRunLogger(QuietOnFailure, WandbLogger):
         self._guard("checkpoint upload", super().finalize, status)
 
     @rank_zero_only
-    def finish(self, summary: Mapping[str, Any]) -> None:
+    def finish(self, summary: RunSummary) -> None:
         """Write the run's summary (summary.json's scalars and final metrics) and finish the W&B run.
 
-        A status other than completed, diverged or pruned finishes it with exit code 1, so that a
+        A status other than completed or diverged finishes it with exit code 1, so that a
         crashed sweep job shows as failed; finishing also keeps it from leaking into the next job.
         """
         run, self._experiment = self._experiment, None
         if run is None:
             return
-        values = {k: v for k, v in summary.items() if isinstance(v, (str, int, float, bool))}
-        values.update(summary.get("metrics") or {})
+        values = {k: v for k, v in summary.to_json().items() if isinstance(v, (str, int, float, bool))}
+        values.update(summary.metrics)
         self._guard("summary", run.summary.update, values)
         try:  # also after a failed write: an unfinished run would linger until the process exits
-            run.finish(exit_code=_EXIT_CODES.get(str(summary.get("status")), 1))
+            run.finish(exit_code=_EXIT_CODES.get(summary.status, 1))
         except Exception as err:
             self._fail("finish", err)
 
@@ -428,12 +429,12 @@ class MlflowRunLogger(QuietOnFailure, MLFlowLogger):
         pass  # Lightning calls this after fit and again after test; finish() ends the run once
 
     @rank_zero_only
-    def finish(self, summary: Mapping[str, Any]) -> None:
+    def finish(self, summary: RunSummary) -> None:
         """Log the summary and the best checkpoint, then end the MLflow run with the dlrun run's status."""
         if self._broken:
             return
-        self._guard("summary", self._log_summary, summary)
-        status = _MLFLOW_STATUSES.get(str(summary.get("status")), "FAILED")
+        self._guard("summary", self._log_summary, summary.to_json())
+        status = _MLFLOW_STATUSES.get(summary.status, "FAILED")
         if self._initialized:
             self._guard("finish", self.experiment.set_terminated, self.run_id, status)
 
@@ -477,7 +478,7 @@ def build_loggers(logger_cfg: DictConfig, run_dir: Path) -> list[Logger]:
     return [lg for lg in loggers if lg is not None]
 
 
-def finalize_loggers(loggers: Sequence[Logger], summary: Mapping[str, Any]) -> None:
+def finalize_loggers(loggers: Sequence[Logger], summary: RunSummary) -> None:
     """Hand summary.json's content to the loggers that keep a summary (W&B, MLflow), and finish their runs."""
     for lg in loggers:
         if isinstance(lg, (WandbRunLogger, MlflowRunLogger)):

@@ -26,8 +26,8 @@ from omegaconf import OmegaConf
 from sklearn.metrics import f1_score
 
 from dlrun import CONF_DIR
+from dlrun.command_line import rank_command
 from dlrun.config import find_problems
-from dlrun.distributed import rank_command
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -165,10 +165,10 @@ def test_timeout_stops_a_job_and_records_it(tmp_path):
     job = Job(0, ["sleep=30"], tmp_path / "0_sleep", [sys.executable, "-c", "import time; print('hi'); time.sleep(30)"])
     ok = Job(1, ["x=1"], tmp_path / "1_x", [sys.executable, "-c", "print('done')"])
     results = run_jobs([job, ok], n_jobs=2, timeout=1.0)
-    assert results[0]["status"] == "failed" and results[0]["error"].startswith("timed out")
-    assert "hi" in results[0]["error"] and results[0]["sweep_job"]["process_seconds"] < 15
+    assert results[0].status == "failed" and results[0].error.startswith("timed out")
+    assert "hi" in results[0].error and results[0].sweep_job["process_seconds"] < 15
     # a process that exits 0 without a summary.json did not run an experiment: recorded as failed
-    assert results[1]["status"] == "failed" and "exited with code 0" in results[1]["error"]
+    assert results[1].status == "failed" and "exited with code 0" in results[1].error
     assert json.loads((tmp_path / "0_sleep" / "summary.json").read_text())["status"] == "failed"
 
 
@@ -176,7 +176,7 @@ def test_gpus_are_handed_out_round_robin(tmp_path):
     show = [sys.executable, "-c", "import os; print('GPU=' + os.environ['CUDA_VISIBLE_DEVICES'])"]
     jobs = [Job(i, [], tmp_path / str(i), show) for i in range(4)]
     results = run_jobs(jobs, n_jobs=4, gpus=["0", "1"], jobs_per_gpu=1)
-    assert [results[i]["sweep_job"]["gpu"] for i in range(4)] == ["0", "1", "0", "1"]
+    assert [results[i].sweep_job["gpu"] for i in range(4)] == ["0", "1", "0", "1"]
     assert (tmp_path / "2" / "job.log").read_text().strip() == "GPU=0"
 
 

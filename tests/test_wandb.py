@@ -22,6 +22,7 @@ import wandb
 import yaml
 from wandb.proto import wandb_internal_pb2 as pb
 
+from dlrun.run_summary import RunSummary
 from dlrun.tracking import EpochCSVLogger, WandbRunLogger, build_loggers, finalize_loggers, resolve_mode
 
 # --- reading a .wandb file --------------------------------------------------------------------------
@@ -261,7 +262,7 @@ def fit_tiny(loggers: list, epochs: int = 3) -> None:
                          enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", devices=1,
                          log_every_n_steps=1)
     trainer.fit(TinyModel(), loader, loader)
-    finalize_loggers(trainer.loggers, {"status": "completed", "epochs": epochs})
+    finalize_loggers(trainer.loggers, RunSummary(status="completed", epochs=epochs))
     wandb.teardown()  # finish() returns before W&B's service has written the file; teardown waits for it
 
 

@@ -16,11 +16,12 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
+from dlrun.run_summary import RunSummary
 from dlrun.rundir import RunDir, read_summary_file
 
 JOB_LOG = "job.log"  # the job process's stdout and stderr
@@ -46,7 +47,8 @@ class Job:
     job_dir: Path
     command: list[str] | None
     error: str | None = None
-    record: dict[str, Any] = field(default_factory=dict)  # monitor, mode: what the job would optimize
+    monitor: str | None = None  # what the job would optimize, for its summary if it cannot write one
+    mode: str | None = None
 
 
 @dataclass
@@ -61,10 +63,10 @@ class _Running:
     timed_out: bool = False
 
 
-def completed_summary(job_dir: Path) -> dict[str, Any] | None:
+def completed_summary(job_dir: Path) -> RunSummary | None:
     """The job's summary when it completed earlier (resume skips it), else None."""
     summary = read_summary_file(job_dir / "summary.json")
-    return summary if summary is not None and summary.get("status") == "completed" else None
+    return summary if summary is not None and summary.status == "completed" else None
 
 
 def set_aside(job_dir: Path) -> None:
@@ -104,8 +106,8 @@ def run_jobs(
     jobs_per_gpu: int = 1,
     timeout: float | None = None,
     env: dict[str, str] | None = None,
-    on_done: Callable[[Job, dict[str, Any]], None] | None = None,
-) -> dict[int, dict[str, Any]]:
+    on_done: Callable[[Job, RunSummary], None] | None = None,
+) -> dict[int, RunSummary]:
     """Run `jobs`, at most `n_jobs` at once, and return {job number: its final summary}.
 
     With GPUs, each job sees one of them (CUDA_VISIBLE_DEVICES), handed out round robin to at most
@@ -116,10 +118,10 @@ def run_jobs(
     load = dict.fromkeys(gpus, 0)
     waiting = list(jobs)
     running: list[_Running] = []
-    results: dict[int, dict[str, Any]] = {}
+    results: dict[int, RunSummary] = {}
     next_gpu = 0
 
-    def finish(job: Job, summary: dict[str, Any]) -> None:
+    def finish(job: Job, summary: RunSummary) -> None:
         results[job.num] = summary
         if on_done is not None:
             on_done(job, summary)
@@ -129,7 +131,7 @@ def run_jobs(
             while waiting and len(running) < slots:
                 job = waiting.pop(0)
                 if job.command is None:
-                    finish(job, _record_failure(job, job.error or "the job could not be composed", None, {}))
+                    finish(job, _record_failure(job, job.error or "the job could not be composed", None, None))
                     continue
                 gpu = None
                 if gpus:  # round robin over the GPUs with a free place
@@ -186,7 +188,7 @@ def _stop(run: _Running, force: bool) -> None:
         run.process.wait()
 
 
-def _collect(run: _Running) -> dict[str, Any]:
+def _collect(run: _Running) -> RunSummary:
     """The job's final summary: its own if it wrote one and exited cleanly, else a failure record."""
     run.log.close()
     job, code = run.job, run.process.returncode
@@ -202,7 +204,7 @@ def _collect(run: _Running) -> dict[str, Any]:
     }
     summary = RunDir(job.job_dir).read_summary_if_any()
     if summary is not None and code == 0:
-        summary["sweep_job"] = process
+        summary.sweep_job = process
         RunDir(job.job_dir).write_summary(summary)
         return summary
     tail = _tail(job.job_dir / JOB_LOG)
@@ -212,25 +214,23 @@ def _collect(run: _Running) -> dict[str, Any]:
         reason = f"killed by signal {signal.Signals(-code).name}" + (" (out of memory?)" if code == -9 else "")
     else:
         reason = f"exited with code {code}"
-    return _record_failure(job, f"{reason}\n{tail}".strip(), process, summary or {})
+    return _record_failure(job, f"{reason}\n{tail}".strip(), process, summary)
 
 
-def _record_failure(job: Job, error: str, process: dict[str, Any] | None, summary: dict[str, Any]) -> dict[str, Any]:
+def _record_failure(job: Job, error: str, process: dict[str, Any] | None, summary: RunSummary | None) -> RunSummary:
     """Write (or complete) the summary.json of a job that failed, and return it."""
     now = _now()
-    record = {
-        **job.record,
-        "overrides": job.overrides,
-        "run_dir": str(job.job_dir),
-        "started_at": process["process_started_at"] if process else now,
-        "finished_at": process["process_finished_at"] if process else now,
-        "wall_seconds": process["process_seconds"] if process else 0.0,
-        **summary,  # what the job itself wrote before it died wins over the launcher's guesses
-        "status": "failed",
-    }
-    record["error"] = summary["error"] + "\n" + error if summary.get("error") else error
+    # what the job itself wrote before it died wins over the launcher's guesses
+    record = summary or RunSummary(monitor=job.monitor, mode=job.mode, overrides=job.overrides)
+    record.run_dir = record.run_dir or str(job.job_dir)
+    record.started_at = record.started_at or (process["process_started_at"] if process else now)
+    record.finished_at = record.finished_at or (process["process_finished_at"] if process else now)
+    if record.wall_seconds is None:
+        record.wall_seconds = process["process_seconds"] if process else 0.0
+    record.status = "failed"
+    record.error = record.error + "\n" + error if record.error else error
     if process is not None:
-        record["sweep_job"] = process
+        record.sweep_job = process
     RunDir(job.job_dir).write_summary(record)
     return record
 

@@ -27,7 +27,7 @@ from rich.table import Table
 
 from dlrun.console import console, format_value
 from dlrun.metrics import headline_test_names
-from dlrun.rundir import write_atomic
+from dlrun.rundir import read_summary_file, write_atomic
 
 CSV_FILE = "sweep_summary.csv"
 JSON_FILE = "sweep_summary.json"
@@ -62,28 +62,28 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     for path in sorted(Path(sweep_dir).glob("*/summary.json")):
         if path.parent.name.startswith("."):
             continue
-        summary = json.loads(path.read_text())
-        overrides = [str(o) for o in summary.get("overrides", [])]
-        num = summary.get("sweep_job", {}).get("num")
+        summary = read_summary_file(path)
+        if summary is None:  # truncated or not JSON: as if the job had written none
+            continue
+        num = (summary.sweep_job or {}).get("num")
         if num is None:
             prefix = path.parent.name.split("_", 1)[0]
             num = int(prefix) if prefix.isdigit() else None
-        metrics = summary.get("metrics", {})
         rows.append({
             "job": num,
-            "status": summary.get("status"),
-            "overrides": " ".join(overrides),
-            "params": params_of(overrides),
-            "monitor": summary.get("monitor"),
-            "mode": summary.get("mode"),
-            "best_value": _number(summary.get("best_value")),
-            "best_epoch": summary.get("best_epoch"),
-            "epochs": summary.get("epochs"),
-            "seconds": summary.get("wall_seconds"),
-            "started_at": summary.get("started_at"),
-            "finished_at": summary.get("finished_at"),
-            "test": {k: _number(v) for k, v in sorted(metrics.items()) if k.startswith("test/")},
-            "error": str(summary.get("error") or "").strip(),
+            "status": summary.status,
+            "overrides": " ".join(summary.overrides),
+            "params": params_of(summary.overrides),
+            "monitor": summary.monitor,
+            "mode": summary.mode,
+            "best_value": _number(summary.best_value),
+            "best_epoch": summary.best_epoch,
+            "epochs": summary.epochs,
+            "seconds": summary.wall_seconds,
+            "started_at": summary.started_at,
+            "finished_at": summary.finished_at,
+            "test": {k: v for k, v in sorted(summary.metrics.items()) if k.startswith("test/")},
+            "error": (summary.error or "").strip(),
             "dir": path.parent.name,
         })
     return sorted(rows, key=lambda r: (r["job"] is None, r["job"] if r["job"] is not None else 0, r["dir"]))

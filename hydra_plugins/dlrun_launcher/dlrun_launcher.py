@@ -25,9 +25,12 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import dlrun.sweep  # noqa: F401  (registers the ${dlrun.coalesce:...} resolver of conf/hydra/default.yaml)
+from dlrun.command_line import job_command
 from dlrun.config import Rule, validate
 from dlrun.console import console, format_value
+from dlrun.error_boundary import as_user_error, traceback_env
 from dlrun.errors import UserError
+from dlrun.run_summary import RunSummary
 from dlrun.sweep.launcher import (
     JOB_LOG,
     Job,
@@ -39,9 +42,6 @@ from dlrun.sweep.launcher import (
 )
 from dlrun.sweep.summary import write_summary_files
 
-# Master-config overrides that configure the sweep itself; a job is a single run and must not see them.
-_SWEEP_ONLY_KEYS = ("hydra.mode", "hydra.run.dir", "hydra/launcher", "hydra.launcher", "hydra/sweeper",
-                    "hydra.sweeper", "hydra.sweep.")
 _MAX_DIR_NAME = 200  # file systems allow 255 bytes per name; long override lists are cut
 
 
@@ -116,7 +116,8 @@ class DlrunLauncher(Launcher):
                 continue
             set_aside(job.job_dir)
             jobs.append(job)
-        results = run_jobs(jobs, self.n_jobs, gpus, self.jobs_per_gpu, self.timeout, env=_child_env(), on_done=self._report)
+        results = run_jobs(jobs, self.n_jobs, gpus, self.jobs_per_gpu, self.timeout, env=traceback_env(),
+                           on_done=self._report)
         returns.update({job.num: _job_return(job, results[job.num]) for job in jobs})
         write_summary_files(sweep_dir)
         return [returns[num] for num in sorted(returns)]
@@ -130,29 +131,14 @@ class DlrunLauncher(Launcher):
                 job_cfg.hydra.job.num = num
                 job_cfg.hydra.job.id = str(num)
             name = str(job_cfg.hydra.sweep.subdir)
-            record = {"monitor": OmegaConf.select(job_cfg, "callbacks.monitor"),
-                      "mode": OmegaConf.select(job_cfg, "callbacks.mode")}
+            monitor, mode = OmegaConf.select(job_cfg, "callbacks.monitor"), OmegaConf.select(job_cfg, "callbacks.mode")
         except Exception as err:  # the job alone fails: an unknown option, a key that does not exist, ...
-            from dlrun.cli import as_user_error
-
             user_error = as_user_error(err)
             job_dir = sweep_dir / _dir_name(f"{num}_{self._override_dirname(overrides)}")
             return Job(num, overrides, job_dir, None, error=str(user_error or f"{type(err).__name__}: {err}"))
         job_dir = sweep_dir / _dir_name(name)
-        return Job(num, overrides, job_dir, self._command(job_dir, num, overrides), record=record)
-
-    def _command(self, job_dir: Path, num: int, overrides: list[str]) -> list[str]:
-        """The job as a single run: same config sources and Hydra settings, the job's overrides, its dir."""
-        assert self.config is not None
-        hydra = self.config.hydra
-        command = [sys.executable, "-m", "dlrun.cli"]
-        for source in hydra.runtime.config_sources:
-            if source.provider == "command-line":  # --config-dir
-                command += ["--config-dir", str(source.path).removeprefix("file://")]
-        command += ["--config-name", str(hydra.job.config_name)]
-        command += [o for o in hydra.overrides.hydra if not o.lstrip("+~").startswith(_SWEEP_ONLY_KEYS)]
-        quoted_dir = str(job_dir).replace("\\", "\\\\").replace("'", "\\'")
-        return [*command, *overrides, f"hydra.run.dir='{quoted_dir}'", f"hydra.job.num={num}"]
+        command = job_command(self.config.hydra, job_dir, num, overrides)
+        return Job(num, overrides, job_dir, command, monitor=monitor, mode=mode)
 
     def _override_dirname(self, overrides: list[str]) -> str:
         """Hydra's ${hydra.job.override_dirname}, for a job whose config (which holds it) did not compose."""
@@ -162,19 +148,19 @@ class DlrunLauncher(Launcher):
         return get_overrides_dirname(parsed, list(settings.exclude_keys), settings.item_sep, settings.kv_sep)
 
 
-    def _report(self, job: Job, summary: dict[str, Any], note: str | None = None) -> None:
+    def _report(self, job: Job, summary: RunSummary, note: str | None = None) -> None:
         """One line per finished job (its own overrides only), so that a long sweep shows its progress."""
         own = [o for o in job.overrides if o not in self.fixed]
         label = f"job {job.num} [cyan]{' '.join(own) or '(no overrides)'}[/cyan]"
-        status = summary.get("status")
+        status = summary.status
         if status == "failed":
-            reason = str(summary.get("error", "")).strip().splitlines()[:1] or [""]
+            reason = (summary.error or "").strip().splitlines()[:1] or [""]
             console.print(f"[red]✗[/red] {label} failed: {reason[0]} · {job.job_dir / JOB_LOG}", highlight=False)
             return
-        value = summary.get("best_value")
-        shown = f"{summary.get('monitor')} {format_value(value)}" if value is not None else "no value"
-        seconds = summary.get("wall_seconds")
-        detail = note or (f"{status}, {seconds:.1f} s" if isinstance(seconds, (int, float)) else str(status))
+        value = summary.best_value
+        shown = f"{summary.monitor} {format_value(value)}" if value is not None else "no value"
+        seconds = summary.wall_seconds
+        detail = note or (f"{status}, {seconds:.1f} s" if seconds is not None else status)
         console.print(f"[green]✓[/green] {label} {shown} · {detail}", highlight=False)
 
 
@@ -183,26 +169,14 @@ def _dir_name(name: str) -> str:
     return name.replace("/", "_")[:_MAX_DIR_NAME]
 
 
-def _child_env() -> dict[str, str]:
-    """`dlrun` sets HYDRA_FULL_ERROR for itself; a job gets the user's own setting back.
-
-    dlrun.cli read that setting when it was imported; under `python -m dlrun.cli` the running copy is
-    `__main__` (a fresh `import dlrun.cli` would read the environment after dlrun changed it).
-    """
-    show = getattr(sys.modules["__main__"], "SHOW_TRACEBACK", None)
-    if show is None:
-        from dlrun.cli import SHOW_TRACEBACK as show
-    return {"HYDRA_FULL_ERROR": "1" if show else "0"}
-
-
-def _job_return(job: Job, summary: dict[str, Any]) -> JobReturn:
+def _job_return(job: Job, summary: RunSummary) -> JobReturn:
     """The sweeper's view of a job: the best monitored value, or a JobFailed for Optuna to mark FAIL."""
     ret = JobReturn(overrides=job.overrides, working_dir=str(job.job_dir), task_name="dlrun")
-    if summary.get("status") == "failed":
+    if summary.status == "failed":
         ret.status = JobStatus.FAILED
-        first_line = str(summary.get("error", "")).strip().splitlines()[:1] or ["failed"]
+        first_line = (summary.error or "").strip().splitlines()[:1] or ["failed"]
         ret.return_value = JobFailed(f"job {job.num} ({' '.join(job.overrides)}): {first_line[0]}")
     else:
         ret.status = JobStatus.COMPLETED
-        ret.return_value = summary.get("best_value")
+        ret.return_value = summary.best_value
     return ret

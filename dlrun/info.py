@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         info = collect(args.overrides)
     except Exception as err:  # a bad override: the same panel as dlrun's
-        from dlrun.error_boundary import as_user_error
         from dlrun.console import print_user_error
+        from dlrun.error_boundary import as_user_error
 
         user_error = as_user_error(err)
         if user_error is None:

@@ -50,8 +50,8 @@ def compose(overrides: list[str]):
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import open_dict
 
-    from dlrun.error_boundary import as_user_error
     from dlrun.config import validate
+    from dlrun.error_boundary import as_user_error
 
     GlobalHydra.instance().clear()
     try:

@@ -35,7 +35,9 @@ from dlrun.rundir import RunDir, RunInterrupted, load_checkpoint
 from dlrun.tracking import build_loggers, finalize_loggers
 from dlrun.training.callbacks import Diverged, FirstStepClock, Interruption, MonitorTracker, build_callbacks
 from dlrun.training.module import Experiment
+from dlrun.training.optimizers import optimizer_factory
 from dlrun.training.regularizers import Regularizer
+from dlrun.training.schedulers import schedule_from_config
 from dlrun.training.tasks import make_task
 
 log = logging.getLogger("dlrun")
@@ -206,9 +208,12 @@ def _steps_per_execution(setting: int | str, world_size: int) -> int:
     return setting
 
 
-def build_experiment(cfg: DictConfig, choices: dict[str, Any]) -> tuple[InMemoryDataModule, DataSpec, Experiment]:
+def build_experiment(
+    cfg: DictConfig, choices: dict[str, Any], train: bool = True
+) -> tuple[InMemoryDataModule, DataSpec, Experiment]:
     """data -> spec -> network -> LightningModule: the spec decides how the network is shaped, or that it
-    cannot be built. dlrun-eval rebuilds a trained run with this same function, so its weights fit."""
+    cannot be built. dlrun-eval rebuilds a trained run with this same function, so its weights fit, and
+    with `train=False`, which leaves the optimizer and schedule out: evaluating needs neither."""
     datamodule: InMemoryDataModule = instantiate(cfg.dataset, seed=cfg.seed, name=choices.get("dataset"))
     spec = datamodule.prepare()
     regularizers: list[Regularizer] = [instantiate(r) for r in cfg.regularizer.values() if r is not None]
@@ -220,7 +225,9 @@ def build_experiment(cfg: DictConfig, choices: dict[str, Any]) -> tuple[InMemory
         model_overrides.update(reg.model_overrides())
         task_overrides.update(reg.task_overrides())
     network = build_network(cfg.model, spec, choices.get("model", "?"), model_overrides)
-    module = Experiment(network, make_task(spec, **task_overrides), cfg.optim, cfg.scheduler, regularizers, cfg.callbacks.monitor)
+    optimizer = optimizer_factory(cfg.optim) if train else None  # the class and its knobs; the parameters come later
+    schedule = schedule_from_config(cfg.scheduler) if train else None
+    module = Experiment(network, make_task(spec, **task_overrides), optimizer, schedule, regularizers, cfg.callbacks.monitor)
     monitor = cfg.callbacks.monitor
     if monitor not in module.logged_metric_names():
         raise UserError(

@@ -27,7 +27,6 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig
 from pytorch_lightning.core.optimizer import LightningOptimizer
 from pytorch_lightning.plugins.precision import Precision
 from pytorch_lightning.strategies import SingleDeviceStrategy
@@ -35,9 +34,9 @@ from torch.func import functional_call
 
 from dlrun.training.callbacks import Interruption
 from dlrun.training.dead_units import DeadUnits
-from dlrun.training.optimizers import build_optimizer
+from dlrun.training.optimizers import OptimizerFactory
 from dlrun.training.regularizers import Regularizer, sparsity_counts
-from dlrun.training.schedulers import build_scheduler
+from dlrun.training.schedulers import Schedule
 from dlrun.training.tasks import Task
 
 STAGES = ("train", "val", "test")
@@ -66,16 +65,16 @@ class Experiment(pl.LightningModule):
         self,
         network: torch.nn.Module,
         task: Task,
-        optim: DictConfig,
-        scheduler: DictConfig,
+        optimizer: OptimizerFactory | None = None,
+        schedule: Schedule | None = None,
         regularizers: Sequence[Regularizer] = (),
         monitor: str = "val/loss",
     ):
         super().__init__()
         self.network = network
         self.task = task
-        self.optim_cfg = optim
-        self.scheduler_cfg = scheduler
+        self.make_optimizer = optimizer  # None: a module that is only evaluated (dlrun-eval)
+        self.schedule = schedule
         self.regularizers = list(regularizers)
         self.monitor = monitor
         # Statistics of the stage's epoch so far: device tensors not yet summed (a step's, until the end of
@@ -88,7 +87,7 @@ class Experiment(pl.LightningModule):
         self._unscored: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._grad_norms: list[list[torch.Tensor]] = []
         self._epoch_lr = float("nan")
-        self._schedule: dict | None = None  # build_scheduler's: the scheduler, its interval and monitor
+        self._schedule: dict | None = None  # Schedule.lightning_config's: the scheduler, its interval and monitor
         self.automatic_optimization = False  # training_step steps the optimizer: see the module docstring
         self._direct_steps = False  # set by on_train_start
         self._interruption: Interruption | None = None  # set by on_train_start
@@ -333,8 +332,10 @@ class Experiment(pl.LightningModule):
 
     # --- optimization -----------------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.optim_cfg, self.network.parameters())
-        self._schedule = build_scheduler(self.scheduler_cfg, optimizer, self.monitor)
+        if self.make_optimizer is None:
+            raise RuntimeError("this Experiment was built to be evaluated: it has no optimizer to train with")
+        optimizer = self.make_optimizer(self.network.parameters())
+        self._schedule = self.schedule and self.schedule.lightning_config(optimizer, self.monitor)
         if self._schedule is None:
             return optimizer
         # Lightning keeps the schedule's state in checkpoints; dlrun steps it (manual optimization)

@@ -191,6 +191,7 @@ class Option:
     knobs: dict[str, Rule | None] = field(default_factory=dict)
 
 
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's, where installed: 10x faster
 _KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w-]*):(?P<rest>.*)$")
 
 
@@ -199,7 +200,7 @@ def read_option(path: Path, name: str, under: str | None = None) -> tuple[Option
     its `defaults` list extends (callbacks=no_early_stopping extends default)."""
     text = path.read_text()
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_YAML_LOADER) or {}
     except yaml.YAMLError as err:
         raise UserError(f"{path} is not valid YAML: {err}", "Fix the file.", title="Unreadable config file") from err
     rules = _annotations(text, path)

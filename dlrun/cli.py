@@ -8,6 +8,7 @@ import sys
 
 import hydra
 from hydra._internal.hydra import Hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
@@ -38,7 +39,7 @@ Hydra.get_mode = mode_from_command_line
 def _run(cfg: DictConfig) -> float | None:
     if cfg.get("resume"):
         cfg = _resumed_config(cfg)
-    validate(cfg)
+    validate(cfg, HydraConfig.get())  # Hydra's choices say which option file declares each group's knobs
     from dlrun.run import run_experiment  # torch and Lightning load only for a valid config
 
     return run_experiment(cfg)

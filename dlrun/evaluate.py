@@ -85,7 +85,7 @@ def _load(run_dir: RunDir, checkpoint_path: Path, cfg: DictConfig):
         logging.getLogger(name).setLevel(logging.WARNING)  # "GPU available: ..." is noise here
     warnings.filterwarnings("ignore", r".*The `srun` command is available.*")
     pl.seed_everything(cfg.seed, verbose=False)
-    datamodule, _, module = build_experiment(cfg, _choices(run_dir), run_dir.read_preprocessing())
+    datamodule, _, module = build_experiment(cfg, _choices(run_dir), run_dir.read_preprocessing(), train=False)
     checkpoint = load_checkpoint(checkpoint_path, module.state_dict())
     module.load_state_dict(checkpoint["state_dict"])
     return datamodule, module, checkpoint
@@ -199,7 +199,7 @@ def evaluate_ensemble(targets: list[str | Path], split: str = "test", which: str
         rows.append({"run_dir": str(run_dir.path), "checkpoint": str(path.resolve()), "epoch": checkpoint.get("epoch"),
                      "metrics": metrics})
     network = Ensemble([module.network for _, module, _ in loaded], datamodule.spec.task)
-    averaged = Experiment(network, reference.task, reference.optim_cfg, reference.scheduler_cfg)
+    averaged = Experiment(network, reference.task)
     metrics, device = _test(averaged, datamodule, split, members[0][0].path)
     shared = [k for k in rows[0]["metrics"] if all(k in r["metrics"] for r in rows)]
     mean = {k: sum(r["metrics"][k] for r in rows) / len(rows) for k in shared}

@@ -40,7 +40,9 @@ from dlrun.tracking import build_loggers, finalize_loggers
 from dlrun.training.callbacks import Diverged, FirstStepClock, Interruption, MonitorTracker, build_callbacks
 from dlrun.training.grouping import GroupedExecution
 from dlrun.training.module import Experiment
+from dlrun.training.optimizers import optimizer_factory
 from dlrun.training.regularizers import Regularizer
+from dlrun.training.schedulers import schedule_from_config
 from dlrun.training.tasks import make_task
 
 log = logging.getLogger("dlrun")
@@ -200,11 +202,12 @@ def build_trainer(
 
 
 def build_experiment(
-    cfg: DictConfig, choices: dict[str, Any], preprocessing: dict | None = None
+    cfg: DictConfig, choices: dict[str, Any], preprocessing: dict | None = None, train: bool = True
 ) -> tuple[InMemoryDataModule, DataSpec, Experiment]:
     """data -> spec -> network -> LightningModule: the spec decides how the network is shaped, or that it
-    cannot be built. dlrun-eval rebuilds a trained run with this same function, so its weights fit, and
-    passes the run's saved `preprocessing` so that the data is transformed as in training."""
+    cannot be built. dlrun-eval rebuilds a trained run with this same function, so its weights fit: it passes
+    the run's saved `preprocessing`, so that the data is transformed as in training, and `train=False`, which
+    leaves the optimizer and schedule out (evaluating needs neither)."""
     datamodule: InMemoryDataModule = instantiate(cfg.dataset, seed=cfg.seed, name=choices.get("dataset"))
     if preprocessing is not None:
         datamodule.use_preprocessing(preprocessing)
@@ -218,7 +221,9 @@ def build_experiment(
         model_overrides.update(reg.model_overrides())
         task_overrides.update(reg.task_overrides())
     network = build_network(cfg.model, spec, choices.get("model", "?"), model_overrides)
-    module = Experiment(network, make_task(spec, **task_overrides), cfg.optim, cfg.scheduler, regularizers, cfg.callbacks.monitor)
+    optimizer = optimizer_factory(cfg.optim) if train else None  # the class and its knobs; the parameters come later
+    schedule = schedule_from_config(cfg.scheduler) if train else None
+    module = Experiment(network, make_task(spec, **task_overrides), optimizer, schedule, regularizers, cfg.callbacks.monitor)
     monitor, logged = cfg.callbacks.monitor, module.metrics.monitorable()
     if monitor not in logged:
         raise UserError(

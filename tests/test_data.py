@@ -28,6 +28,8 @@ from dlrun.models.base import build_network
 from dlrun.run import build_experiment
 from dlrun.training.metrics import EpochMetrics
 from dlrun.training.module import Experiment
+from dlrun.training.optimizers import optimizer_factory
+from dlrun.training.schedulers import schedule_from_config
 from dlrun.training.tasks import make_task
 
 # Every data set that needs no download and no file, with its task and one sample's shape (defaults).
@@ -197,7 +199,7 @@ def _fit(compose_cfg, *overrides: str, epochs: int) -> dict[str, float]:
     spec = dm.prepare()
     pl.seed_everything(cfg.seed, verbose=False)
     network = build_network(cfg.model, spec, "model")
-    module = Experiment(network, make_task(spec), cfg.optim, cfg.scheduler)
+    module = Experiment(network, make_task(spec), optimizer_factory(cfg.optim), schedule_from_config(cfg.scheduler))
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,

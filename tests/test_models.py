@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -183,8 +184,7 @@ def fit(network: torch.nn.Module, datamodule, epochs: int, lr: float, validate: 
     """`epochs` epochs of Adam through dlrun's Experiment (validating each epoch if asked); the last
     epoch's logged metrics."""
     spec = datamodule.prepare()
-    optim = OmegaConf.create({"_target_": "torch.optim.Adam", "lr": lr})
-    module = Experiment(network, make_task(spec), optim, OmegaConf.create({"_target_": None}))
+    module = Experiment(network, make_task(spec), functools.partial(torch.optim.Adam, lr=lr))
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",

@@ -30,9 +30,7 @@ FLAT = DataSpec("toy", "multiclass", (6,), 3)
 
 
 def experiment(network: nn.Module, regs=(), spec: DataSpec = FLAT, **task_kwargs) -> Experiment:
-    return Experiment(
-        network, make_task(spec, **task_kwargs), OmegaConf.create({}), OmegaConf.create({}), regs
-    )
+    return Experiment(network, make_task(spec, **task_kwargs), regularizers=regs)
 
 
 def batch(n: int = 16, spec: DataSpec = FLAT, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

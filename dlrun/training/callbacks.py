@@ -1,8 +1,17 @@
 """Callbacks from the `callbacks` group: early stopping, checkpoints, progress, the monitor's history,
-and what makes a run survive: a resumable `last` checkpoint, clean stops on signals, divergence stops."""
+and what makes a run survive: a resumable `last` checkpoint, clean stops on signals, divergence stops.
+
+Each entry of the group with a `_target_` (conf/callbacks/default.yaml: early_stopping, checkpoint,
+divergence, and any a user adds in an option of their own) is built by `instantiate_callbacks`. Built
+in code instead are what the run's own bookkeeping needs whatever the config says: MonitorTracker
+(summary.json's best value and epoch), Interruption (clean stops on signals), FirstStepClock
+(summary.json's startup time), and ResumeCheckpoint's state, which `checkpoints` adds beside
+`best.ckpt` with `save_last`; `progress_bar` and `model_summary` stay switches of Lightning's display.
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import random
@@ -17,7 +26,8 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import (
     Callback,
     Checkpoint,
@@ -27,6 +37,7 @@ from pytorch_lightning.callbacks import (
     RichProgressBar,
 )
 
+from dlrun.errors import UserError
 from dlrun.rundir import RunDir, RunInterrupted
 from dlrun.training.grouping import optimizer_steps_per_epoch, restart_epoch_progress
 
@@ -269,52 +280,68 @@ class StepProgressBar(RichProgressBar):
 
 
 def build_callbacks(cfg: DictConfig, run_dir: RunDir, validating: bool) -> tuple[list[Callback], MonitorTracker]:
-    """The configured callbacks, plus the tracker that summary.json reads.
-
-    `best.ckpt` is ModelCheckpoint's; `last.ckpt` is ResumeCheckpoint's (written at epoch starts,
-    where resuming is exact, rather than after validation, where ModelCheckpoint would write it).
-    """
-    monitor, mode = cfg.monitor, cfg.mode
-    # Without validation, metrics are logged at the end of the training epoch: check them there.
-    on_train_end = not validating
-    tracker = MonitorTracker(monitor, mode)
-    callbacks: list[Callback] = [
-        ModelCheckpoint(  # first: trainer.checkpoint_callback is the first Checkpoint in the list
-            dirpath=run_dir.checkpoint_dir,
-            filename="best",
-            monitor=monitor,
-            mode=mode,
-            save_top_k=1,
-            save_last=False,  # ResumeCheckpoint writes last.ckpt
-            auto_insert_metric_name=False,
-            enable_version_counter=False,
-            save_on_train_epoch_end=on_train_end,
-        ),
-        tracker,
-    ]
-    es = cfg.early_stopping
-    if es.enabled:
-        callbacks.append(
-            EarlyStopping(
-                monitor=monitor,
-                mode=mode,
-                patience=es.patience,
-                min_delta=es.min_delta,
-                stopping_threshold=es.stopping_threshold,
-                check_on_train_epoch_end=on_train_end,
-                check_finite=False,  # a NaN loss is a result (diverged), reported by dlrun, not a stop reason here
-            )
-        )
-    if cfg.checkpoint.save_last:
-        callbacks.append(ResumeCheckpoint(run_dir))
-    divergence = cfg.get("divergence")
-    if divergence is not None and divergence.enabled:
-        callbacks.append(DivergenceGuard(divergence.factor))
+    """The callbacks group's entries, its two display switches, and the tracker that summary.json reads."""
+    tracker = MonitorTracker(cfg.monitor, cfg.mode)
+    context = {"monitor": cfg.monitor, "mode": cfg.mode, "run_dir": run_dir, "validating": validating}
+    callbacks = [*instantiate_callbacks(cfg, context), tracker]
     if cfg.model_summary:
         callbacks.append(RichModelSummary(max_depth=1))
     if show_progress_bar(cfg.progress_bar):
         callbacks.append(StepProgressBar(leave=False))
     return callbacks, tracker
+
+
+def instantiate_callbacks(cfg: DictConfig, context: Mapping[str, Any]) -> list[Callback]:
+    """Every entry of `cfg` that has a `_target_`, in order, but those with `enabled: false`. A target
+    gets the `context` values its signature names (monitor, mode, run_dir, validating) and may return
+    one callback or a list of them."""
+    callbacks: list[Callback] = []
+    for name, entry in cfg.items():
+        if not isinstance(entry, DictConfig) or entry.get("_target_") is None:
+            continue
+        knobs = OmegaConf.to_container(entry, resolve=True)
+        if not knobs.pop("enabled", True):
+            continue
+        try:
+            wanted = inspect.signature(get_object(knobs["_target_"])).parameters
+        except (ImportError, AttributeError, ValueError) as err:
+            raise UserError(f"callbacks.{name}._target_ = {knobs['_target_']}: cannot be imported ({err})",
+                            "Name a callback class as module.Class, with its module on PYTHONPATH.",
+                            title="Unknown callback") from err
+        built = instantiate(knobs, **{key: value for key, value in context.items() if key in wanted})
+        callbacks += built if isinstance(built, list) else [built]
+    return callbacks
+
+
+def early_stopping(monitor: str, mode: str, validating: bool, patience: int, min_delta: float,
+                   stopping_threshold: float | None) -> EarlyStopping:
+    """Lightning's EarlyStopping on the run's monitor; without validation it checks at training epoch ends."""
+    return EarlyStopping(
+        monitor=monitor,
+        mode=mode,
+        patience=patience,
+        min_delta=min_delta,
+        stopping_threshold=stopping_threshold,
+        check_on_train_epoch_end=not validating,
+        check_finite=False,  # a NaN loss is a result (diverged), reported by dlrun, not a stop reason here
+    )
+
+
+def checkpoints(monitor: str, mode: str, validating: bool, run_dir: RunDir, save_last: bool) -> list[Callback]:
+    """`best.ckpt` (ModelCheckpoint's), and with `save_last` the resumable `last.ckpt` (ResumeCheckpoint's,
+    written at epoch starts, where resuming is exact, rather than after validation as ModelCheckpoint would)."""
+    best = ModelCheckpoint(  # the first Checkpoint in the list: trainer.checkpoint_callback, which run.py tests
+        dirpath=run_dir.checkpoint_dir,
+        filename="best",
+        monitor=monitor,
+        mode=mode,
+        save_top_k=1,
+        save_last=False,  # ResumeCheckpoint writes last.ckpt
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+        save_on_train_epoch_end=not validating,  # without validation, metrics are logged at training epoch ends
+    )
+    return [best, ResumeCheckpoint(run_dir)] if save_last else [best]
 
 
 def show_progress_bar(setting: bool | str) -> bool:

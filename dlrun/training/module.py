@@ -27,16 +27,15 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig
 from torch.func import functional_call
 
 from dlrun.metrics import LEARNING_RATE
 from dlrun.training.callbacks import Interruption
 from dlrun.training.grouping import GroupedExecution
 from dlrun.training.metrics import EpochMetrics
-from dlrun.training.optimizers import build_optimizer
+from dlrun.training.optimizers import OptimizerFactory
 from dlrun.training.regularizers import Regularizer
-from dlrun.training.schedulers import build_scheduler
+from dlrun.training.schedulers import Schedule
 from dlrun.training.tasks import Task
 
 
@@ -50,21 +49,21 @@ class Experiment(pl.LightningModule):
         self,
         network: torch.nn.Module,
         task: Task,
-        optim: DictConfig,
-        scheduler: DictConfig,
+        optimizer: OptimizerFactory | None = None,
+        schedule: Schedule | None = None,
         regularizers: Sequence[Regularizer] = (),
         monitor: str = "val/loss",
     ):
         super().__init__()
         self.network = network
         self.task = task
-        self.optim_cfg = optim
-        self.scheduler_cfg = scheduler
+        self.make_optimizer = optimizer  # None: a module that is only evaluated (dlrun-eval)
+        self.schedule = schedule
         self.regularizers = list(regularizers)
         self.monitor = monitor
         self.metrics = EpochMetrics(task, network)
         self._epoch_lr = float("nan")
-        self._schedule: dict | None = None  # build_scheduler's: the scheduler, its interval and monitor
+        self._schedule: dict | None = None  # Schedule.lightning_config's: the scheduler, its interval and monitor
         self.automatic_optimization = False  # training_step steps the optimizer: see the module docstring
         self._execution = GroupedExecution()  # the trainer's, from on_train_start
         self._interruption: Interruption | None = None  # set by on_train_start
@@ -192,8 +191,10 @@ class Experiment(pl.LightningModule):
 
     # --- optimization -----------------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.optim_cfg, self.network.parameters())
-        self._schedule = build_scheduler(self.scheduler_cfg, optimizer, self.monitor)
+        if self.make_optimizer is None:
+            raise RuntimeError("this Experiment was built to be evaluated: it has no optimizer to train with")
+        optimizer = self.make_optimizer(self.network.parameters())
+        self._schedule = self.schedule and self.schedule.lightning_config(optimizer, self.monitor)
         if self._schedule is None:
             return optimizer
         # Lightning keeps the schedule's state in checkpoints; dlrun steps it (manual optimization)

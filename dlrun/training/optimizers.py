@@ -7,12 +7,19 @@ v = -lr * PyTorch's momentum buffer); tests/test_optim.py checks each against th
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+#: the optimizer class with its knobs, waiting for the parameters: what Experiment takes
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+def optimizer_factory(optim_cfg: DictConfig) -> OptimizerFactory:
+    return instantiate(optim_cfg, _partial_=True, _convert_="all")
+
 
 def build_optimizer(optim_cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    return instantiate(optim_cfg, params=params, _convert_="all")
+    return optimizer_factory(optim_cfg)(params)

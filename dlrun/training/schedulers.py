@@ -9,6 +9,8 @@ starting at 0 (the `epoch` column of metrics.csv): the first epoch trains at the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,16 +22,33 @@ from torch.optim.lr_scheduler import LRScheduler
 LIGHTNING_KNOBS = ("interval",)
 
 
-def build_scheduler(
-    scheduler_cfg: DictConfig, optimizer: torch.optim.Optimizer, monitor: str
-) -> dict[str, Any] | None:
-    """None for a constant rate; else the scheduler and when to step it (plateau watches `monitor`)."""
+@dataclass(frozen=True)
+class Schedule:
+    """A scheduler class with its knobs, waiting for the optimizer; `interval` says what its t counts."""
+
+    make: Callable[[torch.optim.Optimizer], LRScheduler]
+    interval: str = "epoch"
+
+    def lightning_config(self, optimizer: torch.optim.Optimizer, monitor: str) -> dict[str, Any]:
+        """The scheduler and when to step it (a plateau schedule watches `monitor`)."""
+        return {"scheduler": self.make(optimizer), "interval": self.interval, "monitor": monitor}
+
+
+def schedule_from_config(scheduler_cfg: DictConfig) -> Schedule | None:
+    """None for a constant rate (`_target_: null`); else the class, its knobs and dlrun's `interval`."""
     if scheduler_cfg.get("_target_") is None:
         return None
     knobs = OmegaConf.to_container(scheduler_cfg, resolve=True)
     lightning = {key: knobs.pop(key) for key in LIGHTNING_KNOBS if key in knobs}
-    scheduler = instantiate(knobs, optimizer=optimizer, _convert_="all")
-    return {"scheduler": scheduler, "interval": lightning.get("interval", "epoch"), "monitor": monitor}
+    return Schedule(instantiate(knobs, _partial_=True, _convert_="all"), lightning.get("interval", "epoch"))
+
+
+def build_scheduler(
+    scheduler_cfg: DictConfig, optimizer: torch.optim.Optimizer, monitor: str
+) -> dict[str, Any] | None:
+    """None for a constant rate; else the scheduler and when to step it (plateau watches `monitor`)."""
+    schedule = schedule_from_config(scheduler_cfg)
+    return None if schedule is None else schedule.lightning_config(optimizer, monitor)
 
 
 class _ClosedFormLR(LRScheduler):

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import dlrun.sweep  # noqa: F401  (registers the ${dlrun.coalesce:...} resolver of conf/hydra/default.yaml)
 from dlrun.command_line import job_command
-from dlrun.config import Rule, validate
+from dlrun.config import parse_rule, validate
 from dlrun.console import console, format_value
 from dlrun.error_boundary import as_user_error, traceback_env
 from dlrun.errors import UserError
@@ -53,9 +53,9 @@ class DlrunLauncher(Launcher):
     """Runs each job as `python -m dlrun.cli <overrides> hydra.run.dir=<job dir>`, `n_jobs` at a time."""
 
     _KNOBS = {
-        "n_jobs": Rule("int", low=1),
-        "timeout": Rule("float", low=0, low_open=True, nullable=True),
-        "jobs_per_gpu": Rule("int", low=1),
+        "n_jobs": parse_rule("int >= 1"),
+        "timeout": parse_rule("float > 0 | null"),
+        "jobs_per_gpu": parse_rule("int >= 1"),
     }
 
     def __init__(self, n_jobs: int = 1, timeout: float | None = None, gpus: Any = None, jobs_per_gpu: int = 1):
@@ -65,7 +65,7 @@ class DlrunLauncher(Launcher):
             for key, rule in self._KNOBS.items()
             if not rule.accepts(values[key])
         ]
-        if gpus is not None and not Rule("ints", low=0).accepts(list(gpus) or [0]):
+        if gpus is not None and not parse_rule("list of int >= 0").accepts(list(gpus) or [0]):
             problems.append(f"hydra.launcher.gpus = {gpus!r}: expected a list of GPU ids (or null: all visible)")
         if problems:
             raise UserError("\n".join(problems), "Fix the launcher setting, e.g. hydra.launcher.n_jobs=2.")
@@ -78,7 +78,7 @@ class DlrunLauncher(Launcher):
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         # The values every job shares are checked once, here: a bad fixed value fails the sweep at once
         # (exit code 2) instead of failing every job. Values that differ per job are checked per job.
-        validate(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
+        validate(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), config.hydra)
         self.config, self.hydra_context = config, hydra_context
         parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
         self.fixed = {o.input_line for o in parsed if not o.is_sweep_override()}

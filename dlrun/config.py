@@ -345,6 +345,8 @@ def _component_problems(group: str, prefix: str, node: DictConfig, option: Optio
     for key, raw in _leaves(node):
         if key in option.knobs:
             problem = _check(f"{prefix}.{key}", raw, option.knobs[key], f"{group}={option.name}")
+        elif any(key.startswith(f"{knob}.") for knob in option.knobs):
+            continue  # inside a knob that holds an object of its own (trainer.profiler: a _target_ entry)
         elif own_class:
             close = difflib.get_close_matches(key, list(option.knobs), n=1)
             problem = (f"{prefix}.{key}: {group}={option.name} has no knob '{key}'"

@@ -179,7 +179,7 @@ def build_trainer(
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     grouping = GroupedExecution.from_trainer_args(trainer_args)  # dlrun's keys, not Lightning's
     callbacks.append(grouping)
-    if "profiler" in trainer_args:  # debug=profile: Lightning's profiler, built from its _target_
+    if trainer_args.get("profiler"):  # debug=profile: Lightning's profiler, built from its _target_
         trainer_args["profiler"] = instantiate(cfg.trainer.profiler)
     try:
         trainer = pl.Trainer(

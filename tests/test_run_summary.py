@@ -48,13 +48,13 @@ def test_what_a_run_writes_reads_back_the_same_and_keys_of_a_newer_dlrun_are_kep
     assert run_dir.read_summary_if_any() == summary
     # a key this dlrun does not know (a newer one's): kept through a rewrite such as the launcher's
     data = json.loads(run_dir.summary_file.read_text())
-    data["last_epoch"] = {"val/loss": 0.3}
+    data["newer_key"] = {"val/loss": 0.3}
     run_dir.summary_file.write_text(json.dumps(data))
     again = run_dir.read_summary_if_any()
-    assert again.extra == {"last_epoch": {"val/loss": 0.3}}
+    assert again.extra == {"newer_key": {"val/loss": 0.3}}
     again.sweep_job = {"num": 0}
     run_dir.write_summary(again)
-    assert json.loads(run_dir.summary_file.read_text())["last_epoch"] == {"val/loss": 0.3}
+    assert json.loads(run_dir.summary_file.read_text())["newer_key"] == {"val/loss": 0.3}
 
 
 def test_none_is_not_recorded_but_an_unreached_best_value_is_null(tmp_path):

@@ -28,6 +28,7 @@ from dlrun.console import err_console, print_user_error
 from dlrun.errors import UserError
 from dlrun.rundir import RESUMABLE, RunDir, RunInterrupted, check_checkpoint_file
 from dlrun.sweep.summary import end_of_sweeps
+from dlrun.trust import check_overrides
 
 # The user asked for full tracebacks (Hydra's own switch); read once, before dlrun sets it for itself.
 SHOW_TRACEBACK = os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -141,6 +142,7 @@ def expand_resume(args: list[str]) -> list[str]:
     hydra_yaml = _read_yaml(run_dir.path / ".hydra" / "hydra.yaml")
     hydra_overrides = hydra_yaml.get("hydra", {}).get("overrides", {}).get("hydra", []) if isinstance(hydra_yaml, dict) else []
     search_path = [o for o in hydra_overrides or [] if str(o).startswith("hydra.searchpath")]  # the user's own configs
+    check_overrides([*search_path, *overrides], run_dir.path)  # replayed from the directory: untrusted
     quoted = "'" + str(run_dir.path).replace("'", "\\'") + "'"
     return [*others, *search_path, *overrides, f"resume={quoted}", f"hydra.run.dir={quoted}", "hydra.output_subdir=null"]
 

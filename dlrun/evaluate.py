@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from datetime import datetime, timezone
@@ -36,6 +37,7 @@ from dlrun.config import validate
 from dlrun.console import console, format_value, print_user_error
 from dlrun.errors import UserError
 from dlrun.rundir import RunDir, check_checkpoint_file, load_checkpoint, write_atomic
+from dlrun.trust import TRUST_ENV
 
 SPLITS = ("test", "val", "train")
 
@@ -219,7 +221,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="which checkpoint of a run directory (default: best)")
     parser.add_argument("--json", metavar="FILE", help="where an ensemble's result goes (default: ensemble_<split>.json "
                         "in the sweep directory given; a single run's always goes to eval_<split>.json in it)")
+    parser.add_argument("--trust", action="store_true", help="build the classes the run's config.yaml names even if "
+                        f"dlrun's configs do not define them (as {TRUST_ENV}=1 does)")
     args = parser.parse_args(argv)
+    if args.trust:
+        os.environ[TRUST_ENV] = "1"
     single = len(args.targets) == 1 and not _is_sweep_dir(Path(args.targets[0]).expanduser())
     try:
         if single:

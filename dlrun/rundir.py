@@ -29,6 +29,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dlrun.errors import UserError
+from dlrun.trust import check_config
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -128,6 +129,7 @@ class RunDir:
         if not isinstance(cfg, DictConfig) or "model" not in cfg or "dataset" not in cfg:
             raise UserError(f"{path} is not a dlrun config (no model or dataset).",
                             "The run directory is damaged; start a new run.", title="Unreadable run directory")
+        check_config(cfg, path)  # its _target_s are built: only those dlrun's configs define
         return cfg
 
     def read_summary_if_any(self) -> dict[str, Any] | None:

@@ -91,10 +91,10 @@ class ResumeCheckpoint(Callback):
                          loop.manual_optimization.optim_step_progress, loop.val_loop.batch_progress):
             progress.reset_on_run()
         loop.val_loop.batch_progress.total.reset()
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # said, not defaulted: resume needs the optimizer
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
 
     def state_dict(self) -> dict[str, Any]:
         name, keys, pos, has_gauss, cached = np.random.get_state()

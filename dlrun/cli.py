@@ -23,15 +23,13 @@ from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from dlrun import CONF_DIR
+from dlrun.boundary import SHOW_TRACEBACK, exit_for
 from dlrun.config import validate
-from dlrun.console import err_console, print_user_error
+from dlrun.console import err_console
 from dlrun.errors import UserError
 from dlrun.rundir import RESUMABLE, RunDir, RunInterrupted, check_checkpoint_file
 from dlrun.sweep.summary import end_of_sweeps
 from dlrun.trust import check_overrides
-
-# The user asked for full tracebacks (Hydra's own switch); read once, before dlrun sets it for itself.
-SHOW_TRACEBACK = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 def mode_from_command_line(hydra_app: Hydra, config_name: str | None, overrides: list[str]) -> RunMode | None:
@@ -85,11 +83,7 @@ def main() -> None:
         # sweep's report shows every job's error, and the exit code says that some failed.
         if end_of_sweeps() and not SHOW_TRACEBACK:
             sys.exit(1)
-        user_error = as_user_error(err)
-        if user_error is None or SHOW_TRACEBACK:
-            raise
-        print_user_error(user_error)
-        sys.exit(2)
+        exit_for(err, as_user_error(err))  # a panel and 2, or for a bug one line and 1 (traceback: dlrun.log)
     if end_of_sweeps():
         sys.exit(1)
 

@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,8 +32,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
 from dlrun import __version__
+from dlrun.boundary import error_boundary
 from dlrun.config import validate
-from dlrun.console import console, format_value, print_user_error
+from dlrun.console import console, format_value
 from dlrun.errors import UserError
 from dlrun.rundir import RunDir, check_checkpoint_file, load_checkpoint, write_atomic
 from dlrun.trust import TRUST_ENV
@@ -227,14 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.trust:
         os.environ[TRUST_ENV] = "1"
     single = len(args.targets) == 1 and not _is_sweep_dir(Path(args.targets[0]).expanduser())
-    try:
+    with error_boundary():
         if single:
             result = evaluate(args.targets[0], args.split, args.checkpoint)
         else:
             result = evaluate_ensemble(args.targets, args.split, args.checkpoint, args.json)
-    except UserError as err:
-        print_user_error(err)
-        sys.exit(2)
     if single:
         _print_single(result)
     else:

@@ -220,3 +220,117 @@ def test_no_log_says_weights_only_defaulted(trained_run, tmp_path):
     evaluated = _run(DLRUN_EVAL, tmp_path / "out", str(run_dir))
     assert evaluated.returncode == 0, evaluated.stderr
     assert TRUST_LINE not in evaluated.stdout + evaluated.stderr
+
+
+# --- one error boundary: user and environment errors exit 2 with a panel; a bug exits 1 with one line ---
+
+
+@pytest.fixture(scope="module")
+def bad_places(tmp_path_factory) -> dict[str, str]:
+    base = tmp_path_factory.mktemp("bad_places")
+    (base / "a_file").write_text("not a directory")
+    os.mkfifo(base / "fifo")
+    return {"file": str(base / "a_file"), "fifo": str(base / "fifo"), "dir": str(base)}
+
+
+# (id, arguments, DLRUN_OUTPUT_DIR or None, words the panel must contain). As root, only a path that no one may
+# create is unwritable: /sys refuses every mkdir (EPERM), and a path under a regular file (ENOTDIR).
+ENVIRONMENT_CASES = [
+    ("output-dir-is-a-file", ["debug=fast"], "{file}", ["{file}", "DLRUN_OUTPUT_DIR", "not a directory"]),
+    ("output-dir-not-writable", ["debug=fast"], "/sys/dlrun_outputs", ["/sys/dlrun_outputs", "DLRUN_OUTPUT_DIR"]),
+    ("sweep-output-dir-is-a-file", ["-m", "debug=fast", "seed=0,1"], "{file}", ["{file}", "DLRUN_OUTPUT_DIR"]),
+    ("sweep-output-dir-not-writable", ["-m", "debug=fast", "seed=0,1"], "/sys/dlrun_outputs",
+     ["/sys/dlrun_outputs", "DLRUN_OUTPUT_DIR"]),
+    ("text-path-is-a-fifo", ["debug=fast", "dataset=text", "dataset.path={fifo}", "model=lstm"], None,
+     ["{fifo}", "not a regular file", "dataset.path"]),
+    ("text-path-is-a-device", ["debug=fast", "dataset=text", "dataset.path=/dev/zero", "model=lstm"], None,
+     ["/dev/zero", "not a regular file"]),
+    ("text-path-is-a-directory", ["debug=fast", "dataset=text", "dataset.path={dir}", "model=lstm"], None,
+     ["{dir}", "not a regular file"]),
+    ("model-too-large-for-memory", ["debug=fast", "model.width=100000000"], None,
+     ["Model too large", "GiB", "model.width = 100000000"]),
+    ("cnn-too-large-for-memory", ["debug=fast", "model=cnn", "dataset=digits", "model.channels=[100000,100000]"],
+     None, ["Model too large", "model.channels"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ENVIRONMENT_CASES, ids=[c[0] for c in ENVIRONMENT_CASES])
+def test_environment_failures_exit_2_with_a_panel(case, bad_places, tmp_path):
+    _, args, output_dir, words = case
+    out = Path(output_dir.format(**bad_places)) if output_dir else tmp_path / "out"
+    args = [a.format(**bad_places) for a in args]
+    flags = [a for a in args if a == "-m"]  # Hydra reads -m before the overrides only
+    proc = _run(DLRUN, out, *flags, *QUIET, *(a for a in args if a != "-m"), timeout=120)
+    _assert_refused(proc, *(w.format(**bad_places) for w in words))
+
+
+def test_a_full_disk_is_an_environment_error():
+    from dlrun.boundary import environment_error
+
+    with pytest.raises(OSError) as err, open("/dev/full", "w") as handle:  # every write: ENOSPC
+        handle.write("x")
+        handle.flush()
+    user_error = environment_error(RuntimeError("writing the checkpoint failed").with_traceback(None))
+    assert user_error is None  # not a machine's failure
+    wrapped = RuntimeError("writing the checkpoint failed")
+    wrapped.__cause__ = err.value
+    assert "the disk is full" in environment_error(wrapped).message
+
+
+@pytest.mark.slow
+def test_dlrun_summary_shows_a_truncated_job_summary_as_unreadable(tmp_path):
+    out = tmp_path / "out"
+    proc = _run(DLRUN, out, "-m", *QUIET, "debug=fast", "dataset=xor", "model=logreg", "seed=0,1")
+    assert proc.returncode == 0, proc.stderr
+    (sweep_dir,) = (out / "sweeps").iterdir()
+    first, second = sorted(p.parent for p in sweep_dir.glob("*/summary.json"))
+    second_summary = (second / "summary.json").read_text()
+    (first / "summary.json").write_text((first / "summary.json").read_text()[:40])
+    proc = _run(DLRUN_SUMMARY, out, str(sweep_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "unreadable" in proc.stdout and "1 of 2 jobs without failure" not in proc.stdout
+    assert (second / "summary.json").read_text() == second_summary
+
+
+BROKEN_MODEL = '''
+import torch
+from dlrun.models.base import Network
+
+
+class Broken(Network):
+    """A user's network with a bug: its forward divides by zero."""
+
+    def __init__(self, spec, width: int = 4):
+        super().__init__(spec)
+        self.layer = torch.nn.Linear(spec.input_shape[-1], spec.num_outputs)
+
+    def forward(self, x):
+        return self.layer(x) / 0 if 1 // 0 else None
+'''
+
+
+@pytest.mark.slow
+def test_a_bug_exits_1_with_one_line_and_the_traceback_in_the_log(tmp_path):
+    """A genuine bug (here in a user's own network, found through the configured search path)."""
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "broken_net.py").write_text(BROKEN_MODEL)
+    (tmp_path / "my_conf" / "model").mkdir(parents=True)
+    (tmp_path / "my_conf" / "model" / "broken.yaml").write_text("_target_: broken_net.Broken\nwidth: 4\n")
+    out = tmp_path / "out"
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "code"), os.environ.get("PYTHONPATH", "")])}
+    args = (*QUIET, "debug=fast", "dataset=xor", f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "model=broken")
+    proc = _run(DLRUN, out, *args, env=env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output
+    assert "Traceback" not in output
+    error_lines = [line for line in proc.stderr.splitlines() if "ZeroDivisionError" in line]
+    assert len(error_lines) == 1 and "dlrun.log" in error_lines[0], output
+    (run_dir,) = [p.parent for p in (out / "runs").glob("*/*/config.yaml")]
+    log = (run_dir / "dlrun.log").read_text()
+    assert "Traceback (most recent call last)" in log and "1 // 0" in log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "ZeroDivisionError" in summary["error"]
+    shown = _run(DLRUN, out, *args, env={**env, "HYDRA_FULL_ERROR": "1"})
+    assert shown.returncode == 1 and "Traceback (most recent call last)" in shown.stderr

@@ -25,8 +25,9 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
+from dlrun.boundary import error_boundary
 from dlrun.console import console, format_value
-from dlrun.rundir import write_atomic
+from dlrun.rundir import read_summary_file, write_atomic
 
 CSV_FILE = "sweep_summary.csv"
 JSON_FILE = "sweep_summary.json"
@@ -62,13 +63,15 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     for path in sorted(Path(sweep_dir).glob("*/summary.json")):
         if path.parent.name.startswith("."):
             continue
-        summary = json.loads(path.read_text())
-        overrides = [str(o) for o in summary.get("overrides", [])]
-        num = summary.get("sweep_job", {}).get("num")
-        if num is None:
+        summary = read_summary_file(path)
+        if summary is None:  # truncated or not JSON (a job killed mid-write by an older dlrun, a full disk)
+            summary = {"status": "unreadable", "error": f"{path} cannot be read: truncated or not JSON"}
+        overrides = [str(o) for o in _of_type(summary.get("overrides"), list)]
+        num = _of_type(summary.get("sweep_job"), dict).get("num")
+        if not isinstance(num, int):
             prefix = path.parent.name.split("_", 1)[0]
             num = int(prefix) if prefix.isdigit() else None
-        metrics = summary.get("metrics", {})
+        metrics = _of_type(summary.get("metrics"), dict)
         rows.append({
             "job": num,
             "status": summary.get("status"),
@@ -219,7 +222,8 @@ def print_summary(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
     for column in ("job", *keys, "status", monitor or "best", *test_keys, "epochs", "seconds"):
         table.add_column(column, justify="left" if column in ("status", *keys) else "right")
     for i, r in enumerate(ranked(rows, mode)):
-        status = {"completed": "[green]completed[/green]", "failed": "[red]failed[/red]"}.get(r["status"], r["status"])
+        status = {"completed": "[green]completed[/green]", "failed": "[red]failed[/red]",
+                  "unreadable": "[yellow]unreadable[/yellow]"}.get(r["status"], r["status"])
         table.add_row(
             str(r["job"]), *(_show(r["params"].get(k)) for k in keys), status,
             ("★ " if i == 0 and _finite(r["best_value"]) else "") + _show(r["best_value"]),
@@ -237,8 +241,8 @@ def print_summary(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
                         *(f"{_show(g.get(f'{m}_mean'))} ± {_show(g.get(f'{m}_std'))}" for m in measures))
         console.print(agg)
     for r in rows:
-        if r["status"] == "failed":
-            console.print(f"[red]job {r['job']} failed[/red] ({r['dir']}):", highlight=False)
+        if r["status"] in ("failed", "unreadable"):
+            console.print(f"[red]job {r['job']} {r['status']}[/red] ({r['dir']}):", highlight=False)
             console.print(_last_lines(r["error"], 4), highlight=False, markup=False)
 
 
@@ -272,7 +276,13 @@ def main(argv: list[str] | None = None) -> None:
     if not args.sweep_dir.is_dir() or not any(args.sweep_dir.glob("*/summary.json")):
         console.print(f"[red]{args.sweep_dir}: not a sweep directory (no job with a summary.json)[/red]")
         sys.exit(2)
-    report(args.sweep_dir)
+    with error_boundary():
+        report(args.sweep_dir)
+
+
+def _of_type(value: Any, kind: type) -> Any:
+    """`value` if it is a `kind` (a hand-edited summary.json may hold anything), else an empty one."""
+    return value if isinstance(value, kind) else kind()
 
 
 def _number(value: Any) -> float | None:

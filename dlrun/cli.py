@@ -28,6 +28,7 @@ from dlrun.config import validate
 from dlrun.console import err_console
 from dlrun.errors import UserError
 from dlrun.rundir import RESUMABLE, RunDir, RunInterrupted, check_checkpoint_file
+from dlrun.sweep.space import check_search_space
 from dlrun.sweep.summary import end_of_sweeps
 from dlrun.trust import check_overrides
 
@@ -67,6 +68,8 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         sys.argv[1:] = expand_resume(sys.argv[1:])
+        if {"-m", "--multirun"} & set(sys.argv[1:]):
+            check_search_space(sys.argv[1:])
         with contextlib.redirect_stderr(_WithoutHydraJobErrorLine(sys.stderr)):
             _run()
     except KeyboardInterrupt:

@@ -334,3 +334,35 @@ def test_a_bug_exits_1_with_one_line_and_the_traceback_in_the_log(tmp_path):
     assert summary["status"] == "failed" and "ZeroDivisionError" in summary["error"]
     shown = _run(DLRUN, out, *args, env={**env, "HYDRA_FULL_ERROR": "1"})
     assert shown.returncode == 1 and "Traceback (most recent call last)" in shown.stderr
+
+
+# --- sweep inputs: the search space is checked before the sweeper starts --------------------------------
+
+SWEEP = ("-m", *QUIET, "sweep=random", "sweep.n_trials=2", "debug=fast")
+SWEEP_CASES = [
+    ("range-high-to-low", ["optim.lr=interval(0.1,0.01)"], ["optim.lr", "low bound comes first"]),
+    ("log-range-from-zero", ["optim.lr=tag(log,interval(0,1))"], ["optim.lr", "log range must start above 0"]),
+    ("log-range-below-zero", ["optim.lr=tag(log,interval(-1,1))"], ["optim.lr", "above 0"]),
+    ("empty-choice", ["optim.lr=choice()"], ["optim.lr=choice()", "empty choice"]),
+    ("empty-range", ["model.width=range(5,1)"], ["model.width", "range is empty"]),
+    ("resume-a-file", ["sweep.resume={file}"], ["{file}", "not a sweep directory"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SWEEP_CASES, ids=[c[0] for c in SWEEP_CASES])
+def test_an_empty_search_space_exits_2_before_the_sweep(case, bad_places, tmp_path):
+    _, args, words = case
+    proc = _run(DLRUN, tmp_path / "out", *SWEEP, *(a.format(**bad_places) for a in args), timeout=120)
+    _assert_refused(proc, "Invalid search space" if "resume" not in case[0] else "sweep.resume",
+                    *(w.format(**bad_places) for w in words))
+    assert not (tmp_path / "out" / "sweeps").exists()  # refused before any job
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_every_job_fails_exits_1_with_its_report(bad_places, tmp_path):
+    proc = _run(DLRUN, tmp_path / "out", *SWEEP, "dataset=text", f"dataset.path={bad_places['fifo']}", "model=lstm",
+                "optim.lr=interval(0.01,0.1)")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in output, output
+    assert "0 of 2 jobs without failure" in output and "not a regular file" in output

@@ -146,7 +146,7 @@ def expand_resume(args: list[str]) -> list[str]:
 
 def _resumed_config(cfg: DictConfig) -> DictConfig:
     """The resumed run's saved resolved config, with `resume` set."""
-    saved = RunDir.existing(cfg.resume).read_config()
+    saved = RunDir.existing(cfg.resume).read_config(complete=True)
     with open_dict(saved):
         saved.resume = cfg.resume
     return saved

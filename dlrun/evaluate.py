@@ -116,7 +116,7 @@ def evaluate(target: str | Path, split: str = "test", which: str = "best") -> di
     _check_split(split)
     run_dir, checkpoint_path = resolve(target, which)
     check_checkpoint_file(checkpoint_path)  # before torch is imported
-    cfg = run_dir.read_config()
+    cfg = run_dir.read_config(complete=True)
     validate(cfg)
     datamodule, module, checkpoint = _load(run_dir, checkpoint_path, cfg)
     metrics, device = _test(module, datamodule, split, run_dir.path)
@@ -173,7 +173,7 @@ def evaluate_ensemble(targets: list[str | Path], split: str = "test", which: str
     configs = []
     for run_dir, checkpoint_path in members:
         check_checkpoint_file(checkpoint_path)  # every member before torch is imported
-        configs.append(run_dir.read_config())
+        configs.append(run_dir.read_config(complete=True))
         validate(configs[-1])
     first = _data_identity(configs[0])
     for (run_dir, _), cfg in zip(members[1:], configs[1:], strict=True):

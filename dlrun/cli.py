@@ -15,9 +15,14 @@ from omegaconf import DictConfig, open_dict
 from dlrun import CONF_DIR
 from dlrun.command_line import expand_resume
 from dlrun.config import validate
-from dlrun.console import err_console, print_user_error
-from dlrun.error_boundary import SHOW_TRACEBACK, as_user_error  # imported before main() sets HYDRA_FULL_ERROR
+from dlrun.console import err_console
+from dlrun.error_boundary import (  # before main() sets HYDRA_FULL_ERROR
+    SHOW_TRACEBACK,
+    as_user_error,
+    exit_for,
+)
 from dlrun.rundir import RunDir, RunInterrupted, check_output_root_writable
+from dlrun.sweep.space import check_search_space
 from dlrun.sweep.summary import end_of_sweeps
 
 
@@ -57,6 +62,8 @@ def main() -> None:
     try:
         sys.argv[1:] = expand_resume(sys.argv[1:])
         check_output_root_writable(sys.argv[1:])
+        if {"-m", "--multirun"} & set(sys.argv[1:]):
+            check_search_space(sys.argv[1:])
         with contextlib.redirect_stderr(_WithoutHydraJobErrorLine(sys.stderr)):
             _run()
     except KeyboardInterrupt:
@@ -73,11 +80,7 @@ def main() -> None:
         # sweep's report shows every job's error, and the exit code says that some failed.
         if end_of_sweeps() and not SHOW_TRACEBACK:
             sys.exit(1)
-        user_error = as_user_error(err)
-        if user_error is None or SHOW_TRACEBACK:
-            raise
-        print_user_error(user_error)
-        sys.exit(2)
+        exit_for(err, as_user_error(err))  # a panel and 2, or for a bug one line and 1 (traceback: dlrun.log)
     if end_of_sweeps():
         sys.exit(1)
 
@@ -100,7 +103,7 @@ class _WithoutHydraJobErrorLine:
 
 def _resumed_config(cfg: DictConfig) -> DictConfig:
     """The resumed run's saved resolved config, with `resume` set."""
-    saved = RunDir.existing(cfg.resume).read_config()
+    saved = RunDir.existing(cfg.resume).read_config(complete=True)
     with open_dict(saved):
         saved.resume = cfg.resume
     return saved

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from dlrun.errors import UserError
 from dlrun.run_summary import RESUMABLE
 from dlrun.rundir import RunDir, check_checkpoint_file
+from dlrun.trust import check_overrides
 
 # Hydra settings that configure a sweep (and may hold its comma lists): never in a single run's command.
 SWEEP_ONLY = ("hydra.mode", "hydra.sweep", "hydra.sweeper", "hydra/sweeper", "hydra.launcher", "hydra/launcher")
@@ -106,6 +107,7 @@ def expand_resume(args: list[str]) -> list[str]:
     hydra_yaml = _read_yaml(run_dir.path / ".hydra" / "hydra.yaml")
     hydra_overrides = hydra_yaml.get("hydra", {}).get("overrides", {}).get("hydra", []) if isinstance(hydra_yaml, dict) else []
     search_path = [o for o in hydra_overrides or [] if str(o).startswith("hydra.searchpath")]  # the user's own configs
+    check_overrides([*search_path, *overrides], run_dir.path)  # replayed from the directory: untrusted
     where = quoted(run_dir.path)
     return [*others, *search_path, *overrides, f"resume={where}", f"hydra.run.dir={where}", "hydra.output_subdir=null"]
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
+import os
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,9 +33,11 @@ from rich.table import Table
 
 from dlrun import __version__
 from dlrun.config import validate
-from dlrun.console import console, format_value, print_user_error
+from dlrun.console import console, format_value
+from dlrun.error_boundary import boundary
 from dlrun.errors import UserError
 from dlrun.rundir import RunDir, check_checkpoint_file, load_checkpoint, write_atomic
+from dlrun.trust import TRUST_ENV
 
 SPLITS = ("test", "val", "train")
 
@@ -114,7 +116,7 @@ def evaluate(target: str | Path, split: str = "test", which: str = "best") -> di
     _check_split(split)
     run_dir, checkpoint_path = resolve(target, which)
     check_checkpoint_file(checkpoint_path)  # before torch is imported
-    cfg = run_dir.read_config()
+    cfg = run_dir.read_config(complete=True)
     validate(cfg)
     datamodule, module, checkpoint = _load(run_dir, checkpoint_path, cfg)
     metrics, device = _test(module, datamodule, split, run_dir.path)
@@ -176,7 +178,7 @@ def evaluate_ensemble(targets: list[str | Path], split: str = "test", which: str
     configs = []
     for run_dir, checkpoint_path in members:
         check_checkpoint_file(checkpoint_path)  # every member before torch is imported
-        configs.append(run_dir.read_config())
+        configs.append(run_dir.read_config(complete=True))
         validate(configs[-1])
     first = _data_identity(configs[0])
     for (run_dir, _), cfg in zip(members[1:], configs[1:], strict=True):
@@ -224,16 +226,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="which checkpoint of a run directory (default: best)")
     parser.add_argument("--json", metavar="FILE", help="where an ensemble's result goes (default: ensemble_<split>.json "
                         "in the sweep directory given; a single run's always goes to eval_<split>.json in it)")
+    parser.add_argument("--trust", action="store_true", help="build the classes the run's config.yaml names even if "
+                        f"dlrun's configs do not define them (as {TRUST_ENV}=1 does)")
     args = parser.parse_args(argv)
+    if args.trust:
+        os.environ[TRUST_ENV] = "1"
     single = len(args.targets) == 1 and not _is_sweep_dir(Path(args.targets[0]).expanduser())
-    try:
+    with boundary():
         if single:
             result = evaluate(args.targets[0], args.split, args.checkpoint)
         else:
             result = evaluate_ensemble(args.targets, args.split, args.checkpoint, args.json)
-    except UserError as err:
-        print_user_error(err)
-        sys.exit(2)
     if single:
         _print_single(result)
     else:

@@ -30,9 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from dlrun.errors import UserError
 from dlrun.run_summary import STATUSES, RunSummary
+from dlrun.trust import check_config
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+# The top-level sections of every run's config.yaml, which rebuilding the run reads.
+RUN_SECTIONS = ("seed", "dataset", "model", "optim", "scheduler", "regularizer", "trainer", "hardware", "callbacks",
+                "logger")
 
 
 class RunInterrupted(BaseException):
@@ -116,8 +121,10 @@ class RunDir:
                             "Pass a run directory: outputs/runs/<date>/<time>.", title="Not a run directory")
         return cls(where)
 
-    def read_config(self) -> DictConfig:
-        """The run's resolved config (`config.yaml`; Hydra's `.hydra/config.yaml` if dlrun died before writing it)."""
+    def read_config(self, complete: bool = False) -> DictConfig:
+        """The run's resolved config (`config.yaml`; Hydra's `.hydra/config.yaml` if dlrun died before writing it).
+
+        `complete`: the config is about to be built, so it must hold every section a run has."""
         path = self.config_file if self.config_file.is_file() else self.path / ".hydra" / "config.yaml"
         try:
             cfg = OmegaConf.load(path)
@@ -126,6 +133,11 @@ class RunDir:
                             "The run directory is damaged; start a new run.", title="Unreadable run directory") from err
         if not isinstance(cfg, DictConfig) or "model" not in cfg or "dataset" not in cfg:
             raise UserError(f"{path} is not a dlrun config (no model or dataset).",
+                            "The run directory is damaged; start a new run.", title="Unreadable run directory")
+        check_config(cfg, path)  # its _target_s are built: only those dlrun's configs define
+        missing = [key for key in RUN_SECTIONS if key not in cfg] if complete else []
+        if missing:
+            raise UserError(f"{path} lacks {', '.join(missing)}: not the complete config of a run.",
                             "The run directory is damaged; start a new run.", title="Unreadable run directory")
         return cfg
 

@@ -36,6 +36,9 @@ class Text(InMemoryDataModule):
         if self.path is None:
             raise DataError(f"dataset={self.name} needs a text file, and dataset.path is not set.", hint)
         path = Path(self.path).expanduser()
+        if path.exists() and not path.is_file():  # a FIFO would block, a device like /dev/zero never end
+            raise DataError(f"dataset={self.name}: {path} is not a regular file (a directory, a pipe or a device) "
+                            "(dataset.path).", hint)
         try:
             return path.read_text(encoding="utf-8")
         except FileNotFoundError as err:

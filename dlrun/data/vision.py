@@ -144,10 +144,38 @@ class CIFAR10(VisionDataModule):
         return Arrays(x, y, x_test, y_test, class_names=self.class_names)
 
 
+# What a CIFAR batch's pickle may name: numpy's array and dtype reconstructors (numpy 1 and 2 spell the
+# module differently) and the bytes codec of protocol-2 pickles. Dicts, lists, str, bytes and numbers
+# need no name. Anything else (os.system, a class with __reduce__) would run code: refused.
+_PICKLE_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch never holds")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="latin1")  # the batches were written by Python 2
-    return {"data": np.asarray(batch["data"], dtype=np.uint8), "labels": batch["labels"]}
+    """A CIFAR batch, read without running code: only plain data and numpy arrays may be in it."""
+    try:
+        with open(path, "rb") as f:
+            batch = _ArraysOnlyUnpickler(f, encoding="latin1").load()  # the batches were written by Python 2
+    except pickle.UnpicklingError as err:
+        raise DataError(f"{path} is refused: {err} (loading it could run code).",
+                        "Use the batches of the official cifar-10-python.tar.gz, or delete them and run with "
+                        "dataset.download=true.") from err
+    if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
+        raise ValueError(f"{path.name} is not a CIFAR batch (a dict with data and labels)")
+    try:
+        return {"data": np.asarray(batch["data"], dtype=np.uint8), "labels": batch["labels"]}
+    except TypeError as err:  # data that are not numbers
+        raise ValueError(f"{path.name}: {err}") from err
 
 
 def read_idx(path: Path) -> np.ndarray:

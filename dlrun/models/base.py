@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -129,9 +130,54 @@ def build_network(
     init_knobs = {k: cfg.pop(k) for k in init_schemes.KNOBS if k in cfg}
     # partial, then call: passed as an instantiate kwarg, the DataSpec dataclass would become a dict;
     # called outside instantiate, the model's own errors (IncompatibleError) reach the user unwrapped
-    network = instantiate(cfg, _partial_=True, _convert_="all")(spec=spec)
+    make = instantiate(cfg, _partial_=True, _convert_="all")
+    check_memory(make, spec, model_cfg, model_name)
+    network = make(spec=spec)
     init_schemes.initialize(network, **init_knobs)
     return network
+
+
+# Bytes per parameter while training: float32 weights, their gradient and two optimizer moments (Adam's).
+TRAINING_BYTES_PER_PARAMETER = 16
+_SIZE_KNOBS = ("width", "depth", "hidden", "layers", "channels", "d_model", "ffn", "blocks")
+
+
+def check_memory(make, spec: DataSpec, model_cfg: DictConfig, model_name: str) -> None:
+    """Refuse, before any allocation, a network whose weights and optimizer state exceed the memory here.
+
+    The network is built on torch's meta device (shapes, no storage) to count its parameters; the
+    limit is the larger of the host's available memory and the GPU's free memory (the run may use either).
+    """
+    try:
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in make(spec=spec).parameters())
+    except Exception:  # a network that cannot be built on meta: the real build reports its own errors
+        return
+    needed = parameters * TRAINING_BYTES_PER_PARAMETER
+    available = max(_available_host_memory(), _free_gpu_memory())
+    if available and needed > available:
+        knobs = [f"model.{k} = {model_cfg[k]}" for k in _SIZE_KNOBS if k in model_cfg]
+        raise UserError(
+            f"model={model_name} has {parameters:,} parameters: training needs about {needed / 2**30:,.1f} GiB "
+            f"(weights, gradients and optimizer state), and this machine has {available / 2**30:,.1f} GiB available.",
+            f"Lower {', '.join(knobs) if knobs else 'the model size'}.", title="Model too large")
+
+
+def _available_host_memory() -> int:
+    """MemAvailable of /proc/meminfo (Linux); 0 where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _free_gpu_memory() -> int:
+    if not torch.cuda.is_available():
+        return 0
+    return max(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
 
 
 def require_knobs(model_cfg: DictConfig, model_name: str, knobs: tuple[str, ...], regularizer: str) -> None:

@@ -25,8 +25,11 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from dlrun.console import console, format_value
+from dlrun.console import console, format_value, print_user_error
+from dlrun.error_boundary import boundary
+from dlrun.errors import UserError
 from dlrun.metrics import headline_test_names
+from dlrun.run_summary import RunSummary
 from dlrun.rundir import read_summary_file, write_atomic
 
 CSV_FILE = "sweep_summary.csv"
@@ -63,10 +66,10 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         if path.parent.name.startswith("."):
             continue
         summary = read_summary_file(path)
-        if summary is None:  # truncated or not JSON: as if the job had written none
-            continue
+        if summary is None:  # truncated or not JSON (a job killed mid-write by an older dlrun, a full disk)
+            summary = RunSummary(status="unreadable", error=f"{path} cannot be read: truncated or not JSON")
         num = (summary.sweep_job or {}).get("num")
-        if num is None:
+        if not isinstance(num, int):
             prefix = path.parent.name.split("_", 1)[0]
             num = int(prefix) if prefix.isdigit() else None
         rows.append({
@@ -219,7 +222,8 @@ def print_summary(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
     for column in ("job", *keys, "status", monitor or "best", *test_keys, "epochs", "seconds"):
         table.add_column(column, justify="left" if column in ("status", *keys) else "right")
     for i, r in enumerate(ranked(rows, mode)):
-        status = {"completed": "[green]completed[/green]", "failed": "[red]failed[/red]"}.get(r["status"], r["status"])
+        status = {"completed": "[green]completed[/green]", "failed": "[red]failed[/red]",
+                  "unreadable": "[yellow]unreadable[/yellow]"}.get(r["status"], r["status"])
         table.add_row(
             str(r["job"]), *(_show(r["params"].get(k)) for k in keys), status,
             ("★ " if i == 0 and _finite(r["best_value"]) else "") + _show(r["best_value"]),
@@ -237,8 +241,8 @@ def print_summary(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
                         *(f"{_show(g.get(f'{m}_mean'))} ± {_show(g.get(f'{m}_std'))}" for m in measures))
         console.print(agg)
     for r in rows:
-        if r["status"] == "failed":
-            console.print(f"[red]job {r['job']} failed[/red] ({r['dir']}):", highlight=False)
+        if r["status"] in ("failed", "unreadable"):
+            console.print(f"[red]job {r['job']} {r['status']}[/red] ({r['dir']}):", highlight=False)
             console.print(_last_lines(r["error"], 4), highlight=False, markup=False)
 
 
@@ -270,9 +274,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep_dir", type=Path, help="a sweep directory, e.g. outputs/sweeps/2026-01-31_12-00-00_123")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir() or not any(args.sweep_dir.glob("*/summary.json")):
-        console.print(f"[red]{args.sweep_dir}: not a sweep directory (no job with a summary.json)[/red]")
+        print_user_error(UserError(f"{args.sweep_dir} is not a sweep directory (no job with a summary.json).",
+                                   "Pass a sweep directory: outputs/sweeps/<date>_<time>.", title="Not a sweep directory"))
         sys.exit(2)
-    report(args.sweep_dir)
+    with boundary():
+        report(args.sweep_dir)
 
 
 def _number(value: Any) -> float | None:

@@ -82,7 +82,9 @@ def test_a_truncated_summary_is_no_summary_everywhere(tmp_path):
     assert RunDir(sweep_dir / "1_a=2").read_summary_if_any() is None
     assert read_summary_file(sweep_dir / "2_a=3" / "summary.json") is None
     rows = sweep_summary.collect(sweep_dir)
-    assert [r["job"] for r in rows] == [0] and rows[0]["best_value"] == 0.5
+    # the sweep's table still shows them, as unreadable, beside the job that wrote its summary
+    assert [(r["job"], r["status"]) for r in rows] == [(0, "completed"), (1, "unreadable"), (2, "unreadable")]
+    assert rows[0]["best_value"] == 0.5
 
 
 def test_an_unknown_status_is_not_written(tmp_path):

@@ -338,6 +338,9 @@ def _check(key: str, raw: Any, rule: Rule | None, option: str = "") -> str | Non
     return None
 
 
+_ABSENT = object()
+
+
 def _component_problems(group: str, prefix: str, node: DictConfig, option: Option) -> list[str]:
     """`node` (at `prefix`, e.g. regularizer.l2) against its option: rules, and no knob the option lacks."""
     problems = []
@@ -356,6 +359,9 @@ def _component_problems(group: str, prefix: str, node: DictConfig, option: Optio
             problem = _check(f"{prefix}.{key}", raw, None)
         if problem:
             problems.append(problem)
+    if own_class:  # removed with ~key: the class (or dlrun) would fail on it later, with a traceback
+        problems += [f"{prefix}.{knob}: {group}={option.name} needs this knob; it was removed (~{prefix}.{knob})"
+                     for knob in option.knobs if OmegaConf.select(node, knob, default=_ABSENT) is _ABSENT]
     return problems
 
 
@@ -384,6 +390,8 @@ def find_problems(cfg: DictConfig, hydra: Any = None) -> list[str]:
                     problems += _component_problems(key, f"{key}.{name}", node[name], option)
         elif key != "hydra":
             problems += [p for k, v in _leaves(node, f"{key}.") if (p := _check(k, v, catalog.top.get(k)))]
+    problems += [f"{key}: a top-level key of every config; it was removed (~{key})" for key in catalog.top
+                 if key not in cfg]
     return problems + _cross_checks(cfg)
 
 

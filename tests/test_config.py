@@ -209,3 +209,13 @@ def test_a_users_callback_from_a_config_directory(run_dlrun, tmp_path):
     assert result.summary()["status"] == "completed"
     assert (result.run_dir / "fit_end.txt").read_text() == "2 val/loss"  # got the run's monitor by its name
     assert (result.run_dir / "checkpoints" / "best.ckpt").exists()  # dlrun's own callbacks still there
+
+
+def test_a_removed_knob_is_refused_naming_its_option():
+    """`~key` deletes a knob the component needs: found by the fuzzer as a traceback from build_trainer."""
+    assert problems("~trainer.limit_val_batches", "~dataset.batch_size", "~seed") == [
+        "dataset.batch_size: dataset=digits needs this knob; it was removed (~dataset.batch_size)",
+        "trainer.limit_val_batches: trainer=default needs this knob; it was removed (~trainer.limit_val_batches)",
+        "seed: a top-level key of every config; it was removed (~seed)",
+    ]
+    assert problems("logger=mlflow", "debug=profile") == []  # an empty mapping and an object knob are present

@@ -19,7 +19,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import RichProgressBar
@@ -208,6 +208,7 @@ def build_experiment(
     cannot be built. dlrun-eval rebuilds a trained run with this same function, so its weights fit: it passes
     the run's saved `preprocessing`, so that the data is transformed as in training, and `train=False`, which
     leaves the optimizer and schedule out (evaluating needs neither)."""
+    check_targets(cfg)
     datamodule: InMemoryDataModule = instantiate(cfg.dataset, seed=cfg.seed, name=choices.get("dataset"))
     if preprocessing is not None:
         datamodule.use_preprocessing(preprocessing)
@@ -232,6 +233,28 @@ def build_experiment(
             f"e.g. {monitor_example(module.task.kind)}",
         )
     return datamodule, spec, module
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Refuse a component whose `_target_` is not a class of its kind (optim._target_=builtins.dict), by
+    name, before anything is built from it."""
+    bases = {"dataset": pl.LightningDataModule, "model": torch.nn.Module, "optim": torch.optim.Optimizer,
+             "scheduler": (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)}
+    entries = [(group, OmegaConf.select(cfg, f"{group}._target_"), base) for group, base in bases.items()]
+    entries += [(f"regularizer.{name}", node.get("_target_"), Regularizer)
+                for name, node in (cfg.get("regularizer") or {}).items() if isinstance(node, DictConfig)]
+    for key, target, base in entries:
+        if target is None:
+            continue
+        try:
+            found = get_object(str(target))
+        except Exception as err:  # no such module or attribute: Hydra's import error
+            found = err
+        if not (isinstance(found, type) and issubclass(found, base)):
+            kinds = " or ".join(b.__name__ for b in (base if isinstance(base, tuple) else (base,)))
+            raise UserError(f"{key}._target_ = {target}: expected a class derived from {kinds}"
+                            + (f" ({found})" if isinstance(found, Exception) else ""),
+                            "Name a class as module.Class, with its module on PYTHONPATH.", title="Unknown class")
 
 
 def _resume_checkpoint(run_dir: RunDir, module: Experiment) -> tuple[str, int] | None:

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -474,8 +475,21 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def build_loggers(logger_cfg: DictConfig, run_dir: Path) -> list[Logger]:
     """One Lightning logger per selected option, each writing under the run directory."""
-    loggers = (instantiate(cfg, save_dir=str(run_dir)) for cfg in logger_cfg.values() if cfg is not None)
-    return [lg for lg in loggers if lg is not None]
+    loggers = {}
+    for name, cfg in logger_cfg.items():
+        if cfg is None:
+            continue
+        try:
+            made = loggers[name] = instantiate(cfg, save_dir=str(run_dir))
+        except InstantiationException as err:  # not callable, or its knobs refused
+            raise UserError(f"logger.{name}: {cfg.get('_target_')} cannot be built: {err}",
+                            "Name a logger class (or a function returning one) as module.Class.",
+                            title="Unknown class") from err
+        if made is not None and not isinstance(made, Logger):
+            raise UserError(f"logger.{name}._target_ = {logger_cfg[name].get('_target_')} made "
+                            f"{type(made).__name__}, not a Lightning logger.",
+                            "Name a logger class (or a function returning one) as module.Class.", title="Unknown class")
+    return [made for made in loggers.values() if made is not None]
 
 
 def finalize_loggers(loggers: Sequence[Logger], summary: RunSummary) -> None:

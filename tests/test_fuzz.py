@@ -276,3 +276,39 @@ def test_corrupted_directories_end_with_exit_0_or_2_and_keep_completed_results(o
 
     batch()
     _report("corrupted directories", outcomes, problems)
+
+
+# --- (c) catalog combinations: every configuration that validates trains -----------------------------------
+FILE_FREE_DATASETS = ["adding", "blobs", "breast_cancer", "circles", "copy", "digits", "iris", "moons", "parity",
+                      "ravine", "sine", "sine_seq", "spirals", "wine", "xor"]  # the others read files
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+REGULARIZERS = sorted(p.stem for p in (CONF_DIR / "regularizer").glob("*.yaml"))
+OPTIMIZERS = sorted(p.stem for p in (CONF_DIR / "optim").glob("*.yaml"))
+
+
+@st.composite
+def _combination(draw) -> list[str]:
+    regularizers = draw(st.lists(st.sampled_from(REGULARIZERS), min_size=1, max_size=2, unique=True))
+    return [f"model={draw(st.sampled_from(MODELS))}", f"dataset={draw(st.sampled_from(FILE_FREE_DATASETS))}",
+            f"regularizer=[{','.join(regularizers)}]", f"optim={draw(st.sampled_from(OPTIMIZERS))}",
+            f"dataset.batch_size={draw(st.sampled_from([1, 2, 3, 7, 12, 64]))}"]
+
+
+def test_catalog_combinations_train_a_step_or_are_refused(tmp_path_factory):
+    """model x data set x regularizers x batch size x optimizer, drawn from the catalog: a combination either
+    trains (summary.json says completed, or diverged: a result) or is refused before training with exit 2."""
+    out = tmp_path_factory.mktemp("fuzz_combinations") / "out"
+    out.mkdir()
+    outcomes, problems = [], []
+
+    @FUZZ
+    @given(st.lists(_combination(), min_size=6, max_size=6))
+    def batch(combinations: list[list[str]]) -> None:
+        results = _run_all([[*DLRUN, *QUIET, "debug=fast", *combination] for combination in combinations], out)
+        outcomes.extend(results)
+        problems.extend(p for p in map(_broke_the_rule, results) if p)
+        problems.extend(f"exit 0 without a trained run: {' '.join(command[2:])}" for command, code, output in results
+                        if code == 0 and not any(s in output for s in ("dlrun · completed", "dlrun · diverged")))
+
+    batch()
+    _report("catalog combinations", outcomes, problems)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import (
@@ -302,14 +303,23 @@ def instantiate_callbacks(cfg: DictConfig, context: Mapping[str, Any]) -> list[C
         knobs = OmegaConf.to_container(entry, resolve=True)
         if not knobs.pop("enabled", True):
             continue
+        hint = "Name a callback class as module.Class, with its module on PYTHONPATH."
         try:
-            wanted = inspect.signature(get_object(knobs["_target_"])).parameters
-        except (ImportError, AttributeError, ValueError) as err:
-            raise UserError(f"callbacks.{name}._target_ = {knobs['_target_']}: cannot be imported ({err})",
-                            "Name a callback class as module.Class, with its module on PYTHONPATH.",
+            target = get_object(knobs["_target_"])
+            wanted = inspect.signature(target).parameters
+        except (ImportError, AttributeError, ValueError, TypeError) as err:  # TypeError: not callable (a module)
+            raise UserError(f"callbacks.{name}._target_ = {knobs['_target_']}: not a callback class ({err})", hint,
                             title="Unknown callback") from err
-        built = instantiate(knobs, **{key: value for key, value in context.items() if key in wanted})
-        callbacks += built if isinstance(built, list) else [built]
+        try:
+            built = instantiate(knobs, **{key: value for key, value in context.items() if key in wanted})
+        except InstantiationException as err:  # the class refused its knobs
+            raise UserError(f"callbacks.{name}: {knobs['_target_']} cannot be built with its knobs: {err}", hint,
+                            title="Unknown callback") from err
+        built = built if isinstance(built, list) else [built]
+        if not all(isinstance(callback, Callback) for callback in built):
+            raise UserError(f"callbacks.{name}._target_ = {knobs['_target_']} made {type(built[0]).__name__}, "
+                            "not a Lightning callback.", hint, title="Unknown callback")
+        callbacks += built
     return callbacks
 
 

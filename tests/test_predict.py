@@ -32,36 +32,37 @@ def refused(capsys, *args: str) -> str:
     return " ".join(line.strip("│ ") for line in printed.splitlines())  # the panel's lines, unwrapped
 
 
-@pytest.mark.parametrize("target", ["price", "tier"])
+@pytest.mark.parametrize("target", ["price", "tier", "churned"])
 def test_csv_runs_predict_on_new_rows_as_in_training(run_dlrun, tmp_path, capsys, monkeypatch, target):
     monkeypatch.chdir(tmp_path)  # inputs named as a user would, relative to here
     frame = write_table(tmp_path / "houses.csv")
     run_dir = run_dlrun("dataset=csv", f"dataset.path={tmp_path / 'houses.csv'}", f"dataset.target={target}",
                         "dataset.features=[age,city,income]", "trainer.max_epochs=5", "optim.lr=0.01").run_dir
     # the training file itself (its target column is ignored), and new rows: an unseen city, missing values
-    code, printed = predict(capsys, run_dir, tmp_path / "houses.csv")
+    code, printed = predict(capsys, run_dir, "houses.csv")
     assert code == 0, printed
-    seen = pd.read_csv(run_dir / "predictions.csv")
+    seen = pd.read_csv(run_dir / "predictions.csv", dtype={"predicted": str})
     assert len(seen) == len(frame) and seen["id"].tolist() == list(range(len(frame)))
     new = pd.DataFrame({"income": [3.0, 2.0, 4.5], "city": ["Paris", "Berlin", None], "age": [30.0, np.nan, 50.0]})
     new.to_csv(tmp_path / "new.tsv", sep="\t", index=False)
-    code, printed = predict(capsys, run_dir, tmp_path / "new.tsv", "--out", tmp_path / "out" / "new.csv")
+    code, printed = predict(capsys, run_dir, "new.tsv", "--out", tmp_path / "out" / "new.csv")
     assert code == 0, printed
-    predicted = pd.read_csv(tmp_path / "out" / "new.csv")
+    predicted = pd.read_csv(tmp_path / "out" / "new.csv", dtype={"predicted": str})
+    assert predicted["id"].tolist() == [0, 1, 2] and predicted.notna().all().all()
     if target == "price":
         assert list(predicted.columns) == ["id", "predicted"]
         # in the target's units (the standardization undone): close to the price on the training rows
-        error = (seen["predicted"] - frame["price"]).abs().median()
+        error = (seen["predicted"].astype(float) - frame["price"]).abs().median()
         assert error < 0.5 * frame["price"].std(), error
-        assert predicted["predicted"].between(frame["price"].min() - 3e4, frame["price"].max() + 3e4).all()
-    else:
-        assert list(predicted.columns) == ["id", "predicted", "probability_0", "probability_1", "probability_2"]
-        probabilities = seen[["probability_0", "probability_1", "probability_2"]].to_numpy()
-        assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
-        assert (seen["predicted"] == frame["tier"]).mean() > 0.7
-        assert set(predicted["predicted"]) <= {0, 1, 2}
-    assert predicted["id"].tolist() == [0, 1, 2] and predicted.notna().all().all()
-    if target == "price":
+        assert predicted["predicted"].astype(float).between(frame["price"].min() - 3e4, frame["price"].max() + 3e4).all()
+        return
+    classes = sorted(frame[target].astype(str).unique())  # tier: 0, 1, 2; churned (binary, sigmoid): no, yes
+    probabilities = [f"probability_{c}" for c in classes]
+    assert list(seen.columns) == list(predicted.columns) == ["id", "predicted", *probabilities]
+    assert np.allclose(seen[probabilities].sum(axis=1), 1.0, atol=1e-6)
+    assert (seen["predicted"] == frame[target].astype(str)).mean() > 0.7  # the commonest class holds < 0.55
+    assert set(predicted["predicted"]) <= set(classes)
+    if target == "churned":
         return
     # inputs that do not fit: each named in a panel, exit 2
     new.drop(columns=["age", "city"]).to_csv(tmp_path / "partial.csv", index=False)

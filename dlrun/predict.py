@@ -75,19 +75,19 @@ def _existing(path: str | Path) -> Path:
 # --- reading inputs as the run's data set reads its own ----------------------------------------------
 def read_inputs(datamodule, paths: list[Path]) -> tuple[list[str], np.ndarray]:
     """(an id per input, the inputs as the data module's `load()` gives them) from `paths`."""
-    from dlrun.data.image_folder import IMAGE_SUFFIXES, ImageFolder
+    from dlrun.data.image_folder import ImageFolder
     from dlrun.data.table import Table
 
-    if isinstance(datamodule, Table):
-        expected, read = "a table (.csv, .tsv, .parquet) with the training columns", _read_table
-    elif isinstance(datamodule, ImageFolder):
-        expected, read = f"images ({', '.join(sorted(IMAGE_SUFFIXES))}) or folders of them", _read_images
-    else:
-        expected, read = "an .npz of X with the training input shape", _read_npz
-    kinds = {"table": _read_table, "image": _read_images, "npz": _read_npz}
+    readers = {  # the kind of input each kind of data set predicts from: its reader, and what it is
+        "table": (_read_table, "a table (.csv, .tsv, .parquet) with the training feature columns"),
+        "image": (_read_images, "image files or folders of them"),
+        "npz": (_read_npz, "an .npz of X with the training input shape"),
+    }
+    wanted = "table" if isinstance(datamodule, Table) else "image" if isinstance(datamodule, ImageFolder) else "npz"
+    read, expected = readers[wanted]
     for path in paths:
-        kind = _kind(path, IMAGE_SUFFIXES)
-        if kinds.get(kind) is not read:
+        kind = _kind(path)
+        if kind != wanted:
             shown = {"table": "a table", "image": "an image or a folder", "npz": "an .npz file"}.get(
                 kind, f"a file of unknown type ({path.suffix or 'no suffix'})")
             raise DataError(f"{path} is {shown}; a run of dataset={datamodule.name} predicts from {expected}.",
@@ -100,9 +100,11 @@ def read_inputs(datamodule, paths: list[Path]) -> tuple[list[str], np.ndarray]:
     return ids, np.concatenate([x for _, x in parts])
 
 
-def _kind(path: Path, image_suffixes) -> str | None:
+def _kind(path: Path) -> str | None:
+    from dlrun.data.image_folder import IMAGE_SUFFIXES
+
     suffix = path.suffix.lower()
-    if path.is_dir() or suffix in image_suffixes:
+    if path.is_dir() or suffix in IMAGE_SUFFIXES:
         return "image"
     return "table" if suffix in TABLE_SUFFIXES else "npz" if suffix == ".npz" else None
 

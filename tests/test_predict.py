@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from dlrun.predict import main
 from tests.test_user_data import write_arrays, write_images, write_table
@@ -128,6 +129,15 @@ def test_digits_predicts_on_an_npz_of_x_and_a_run_without_checkpoint_is_refused(
     assert (predicted["predicted"].to_numpy() == digits.target[:300]).mean() > 0.8
     np.savez(tmp_path / "flat.npz", X=digits.data[:10])
     assert "X must be (N, 1, 8, 8)" in refused(capsys, run_dir, "flat.npz")
+    # the run directory's config is untrusted input: a class dlrun's configs do not name is never built
+    foreign = tmp_path / "foreign"
+    shutil.copytree(run_dir, foreign)
+    cfg = yaml.safe_load((foreign / "config.yaml").read_text())
+    cfg["dataset"] = {"_target_": "shutil.copyfile", "src": "/etc/hostname", "dst": str(tmp_path / "pwned")}
+    (foreign / "config.yaml").write_text(yaml.safe_dump(cfg))
+    panel = refused(capsys, foreign, "digits.npz")
+    assert "dataset._target_ = shutil.copyfile" in panel and "dlrun-predict --trust" in panel, panel
+    assert not (tmp_path / "pwned").exists()
     bare = tmp_path / "bare"
     shutil.copytree(run_dir, bare)
     shutil.rmtree(bare / "checkpoints")

@@ -4,7 +4,7 @@
 else could run `os.system` through `dlrun-eval` or `dlrun resume=`. The `_target_`s allowed are those
 that dlrun's own config groups (the YAML files under `dlrun.CONF_DIR`) and the user's configured
 search path define; overrides replayed from a run directory may not touch Hydra's own settings (its
-logging config names classes too). `dlrun-eval --trust`, or DLRUN_TRUST_RUN_CONFIGS=1 for any
+logging config names classes too). `dlrun-eval --trust` (`dlrun-predict --trust`), or DLRUN_TRUST_RUN_CONFIGS=1 for any
 command, accepts a directory's configs as they are.
 """
 
@@ -23,7 +23,7 @@ from dlrun.errors import UserError
 
 TRUST_ENV = "DLRUN_TRUST_RUN_CONFIGS"
 _HINT = (f"If you trust this directory (you made it, or you read its configs), say so: dlrun-eval --trust ..., "
-         f"or {TRUST_ENV}=1 dlrun resume=<dir>.")
+         f"dlrun-predict --trust ..., or {TRUST_ENV}=1 dlrun resume=<dir>.")
 
 
 class UntrustedConfig(UserError):

@@ -169,12 +169,24 @@ class InMemoryDataModule(pl.LightningDataModule):
         parts = {"train": self._tensors(*self.fit_transform(*raw.pop("train")))}
         parts.update({k: self._tensors(*self.transform(x, y)) for k, (x, y) in raw.items()})
         if self.normalize and not self.integer_inputs:
-            mean, std = self._fit_normalization(parts["train"][0])
-            parts = {k: ((x - mean) / std, y) for k, (x, y) in parts.items()}
-            self.norm_stats = (mean, std)
+            self.norm_stats = self._fit_normalization(parts["train"][0])
+            parts = {k: (self._normalized(x), y) for k, (x, y) in parts.items()}
         self.splits = parts
         self.spec = self.make_spec(parts["train"][0], arrays)
         return self.spec
+
+    def prepare_inputs(self, x: np.ndarray) -> torch.Tensor:
+        """New inputs, as `load()` gives them, transformed and normalized as the validation split was
+        (after `prepare`): dlrun-predict's way to feed a trained network."""
+        placeholder = np.zeros(len(x), dtype=np.int64 if self.task == "multiclass" else np.float32)  # no targets
+        inputs, _ = self._tensors(*self.transform(x, placeholder))
+        return self._normalized(inputs)
+
+    def _normalized(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_stats is None:
+            return x
+        mean, std = self.norm_stats
+        return (x - mean) / std
 
     def use_preprocessing(self, fitted: dict) -> None:
         """Apply `fitted` (a run's saved `preprocessing`) instead of fitting: dlrun-eval's way to transform

@@ -78,8 +78,10 @@ class Table(InMemoryDataModule):
         self.target_classes: tuple[str, ...] = ()
 
     # --- reading ------------------------------------------------------------------------------
-    def read(self) -> pd.DataFrame:
-        path = require_file(self.path, self.name, "path", "dataset.path=houses.csv dataset.target=price")
+    def read(self, path: str | Path | None = None) -> pd.DataFrame:
+        """The table at `path` (default: dataset.path) as a DataFrame with string column names."""
+        path = require_file(self.path if path is None else str(path), self.name, "path",
+                            "dataset.path=houses.csv dataset.target=price")
         try:
             if path.suffix.lower() in PARQUET_SUFFIXES:
                 try:
@@ -123,9 +125,7 @@ class Table(InMemoryDataModule):
             raise DataError(f"dataset={self.name}: {self.path} {problem} (dataset.features); its columns are: {listed}.",
                             "List feature columns other than the target: dataset.features=[age,city]")
         self.features = features
-        x = np.empty((len(frame), len(features)), dtype=np.float64)
-        for j, name in enumerate(features):
-            x[:, j] = self._encode_column(frame[name])
+        x = self._encode(frame)
         labels = frame[self.target]
         keep = labels.notna().to_numpy()
         if not keep.all():
@@ -145,6 +145,35 @@ class Table(InMemoryDataModule):
                                f"the target column {self.target!r}", tuple(given["class_names"]) if given else None)
         self.task, self.target_classes = target.task, target.class_names
         return Arrays(x, target.y, class_names=target.class_names)
+
+    def _encode(self, frame: pd.DataFrame) -> np.ndarray:
+        """The feature columns of `frame` as numbers (see `_encode_column`), one column each."""
+        x = np.empty((len(frame), len(self.features)), dtype=np.float64)
+        for j, name in enumerate(self.features):
+            x[:, j] = self._encode_column(frame[name])
+        return x
+
+    def encode_new(self, frame: pd.DataFrame, where: str) -> np.ndarray:
+        """New rows (`where`: the file they come from) encoded like the training file's, for `transform`
+        after `prepare`: every feature column must be there, numeric ones still numeric; extra columns
+        (the target, ids) are ignored."""
+        columns = list(frame.columns)
+        missing = [f for f in self.features if f not in columns]
+        if missing:
+            raise DataError(f"{where} lacks the column(s) {', '.join(map(repr, missing))}, which the run was trained "
+                            f"on; it needs all of: {', '.join(self.features)}.",
+                            "Add them (an empty value is filled as in training); names are case-sensitive.")
+        kinds = {c["name"]: c["kind"] for c in self.preprocessing["columns"]}
+        frame = frame.copy()
+        for name in self.features:  # a text column read as numbers (or as all empty) still matches by its text
+            if kinds[name] == "categorical":
+                frame[name] = frame[name].astype(object).where(frame[name].isna(), frame[name].astype(str))
+        x = self._encode(frame)
+        now_text = sorted(name for name in self.levels if kinds.get(name) == "numeric")
+        if now_text:
+            raise DataError(f"{where}: the column(s) {', '.join(map(repr, now_text))} hold text, but were numbers in "
+                            "training.", "Give numbers there (an empty value is filled as in training).")
+        return x
 
     def _encode_column(self, column: pd.Series) -> np.ndarray:
         """One column as numbers (NaN: missing): numeric and boolean as they are, text as value indices."""

@@ -79,6 +79,7 @@ def test_grid_runs_in_parallel_and_resume_runs_only_missing_jobs(run_dlrun):
         assert row["test"]["test/acc"] == pytest.approx(job["metrics"]["test/acc"])
         assert row["epochs"] == job["epochs"] == 1
     assert (sweep_dir / "sweep_plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert (sweep_dir / "sweep_curves.png").read_bytes()[:4] == b"\x89PNG"  # every job's learning curve
     assert "val/loss (min)" in result.stdout
     # an 80-column terminal shows the headline test metrics whole; the CSV keeps every one
     narrow = subprocess.run([sys.executable, "-m", "dlrun.sweep.summary", str(sweep_dir)], capture_output=True,

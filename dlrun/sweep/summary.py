@@ -26,6 +26,7 @@ from rich import box
 from rich.table import Table
 
 from dlrun.console import console, format_value, print_user_error
+from dlrun.curves import SWEEP_CURVES_FILE, write_sweep_curves
 from dlrun.error_boundary import boundary
 from dlrun.errors import UserError
 from dlrun.metrics import headline_test_names
@@ -251,9 +252,10 @@ def report(sweep_dir: Path) -> int:
     sweep_dir = Path(sweep_dir)
     rows = write_summary_files(sweep_dir)
     plotted = plot(rows, sweep_dir / PLOT_FILE)
+    curves = write_sweep_curves(sweep_dir, rows, *objective(rows))
     print_summary(rows, sweep_dir)
     failed = sum(r["status"] == "failed" for r in rows)
-    files = ", ".join(f for f in (CSV_FILE, JSON_FILE, plotted and PLOT_FILE) if f)
+    files = ", ".join(f for f in (CSV_FILE, JSON_FILE, plotted and PLOT_FILE, curves and SWEEP_CURVES_FILE) if f)
     console.print(f"{len(rows) - failed} of {len(rows)} jobs without failure · {files} in {sweep_dir}")
     return failed
 

@@ -50,8 +50,8 @@ log = logging.getLogger("dlrun")
 # lightning_fabric sets PYTORCH_NVML_BASED_CUDA_CHECK=1 when imported, so that asking whether CUDA exists does not
 # initialize it before a fork. With it set, torch.cuda.is_available() asks NVML afresh at every call, library load
 # included, and torch's Adam calls it at every step (Optimizer._accelerator_graph_capture_health_check): ~0.5 ms a
-# step on a CPU machine, a quarter of a small network's step. dlrun forks no CUDA user (in-memory batches without
-# DataLoader workers; DDP ranks are fresh processes), so it takes torch's own cached check.
+# step on a CPU machine, a quarter of a small network's step. dlrun forks no CUDA user (DDP ranks are fresh processes;
+# the DataLoader workers of streamed data only index host arrays), so it takes torch's own cached check.
 os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
 
 # Lightning's advice that does not apply to in-memory batches and epoch-level logging.
@@ -107,6 +107,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
     summary.params = sum(p.numel() for p in module.network.parameters())
     summary.data = spec.describe()
     summary.data_notes = datamodule.notes or None
+    summary.data_path = datamodule.data_path
     if datamodule.preprocessing is not None and is_rank_zero() and not resuming:
         run_dir.write_text(run_dir.preprocessing_file.name, json.dumps(datamodule.preprocessing, indent=2) + "\n")
     resume_from = _resume_checkpoint(run_dir, module) if resuming else None
@@ -120,7 +121,8 @@ def run_experiment(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         if cfg.print_config:
             print_config_tree(cfg, choices)
-        console.print(f"[bold]data[/bold] {spec.describe()} · run directory {run_dir.path}")
+        path = datamodule.data_path
+        console.print(f"[bold]data[/bold] {spec.describe()} · {path['mode']} ({path['reason']}) · run directory {run_dir.path}")
         if datamodule.notes:
             console.print("[bold]data notes[/bold] " + ", ".join(f"{k} {v}" for k, v in datamodule.notes.items()))
 
@@ -209,6 +211,7 @@ def build_experiment(
     the run's saved `preprocessing`, so that the data is transformed as in training, and `train=False`, which
     leaves the optimizer and schedule out (evaluating needs neither)."""
     datamodule: InMemoryDataModule = instantiate(cfg.dataset, seed=cfg.seed, name=choices.get("dataset"))
+    datamodule.device = _training_device(cfg.hardware.get("accelerator", "cpu"))  # whose free memory is the budget
     if preprocessing is not None:
         datamodule.use_preprocessing(preprocessing)
     spec = datamodule.prepare()
@@ -232,6 +235,12 @@ def build_experiment(
             f"e.g. {monitor_example(module.task.kind)}",
         )
     return datamodule, spec, module
+
+
+def _training_device(accelerator: str) -> torch.device:
+    """The device the accelerator setting trains on, as far as the data's memory budget cares: a GPU or the host."""
+    wants_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return torch.device("cuda") if wants_gpu and torch.cuda.is_available() else torch.device("cpu")
 
 
 def _resume_checkpoint(run_dir: RunDir, module: Experiment) -> tuple[str, int] | None:

@@ -15,6 +15,7 @@ same float32 operations to each sample, so the same seed gives the same metrics 
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -127,10 +128,16 @@ class IndexBatches:
 
 class Rows:
     """Some rows of an array (all of them with `index` None), read only when asked: a memory-mapped cache
-    stays on disk until a batch needs its rows."""
+    stays on disk until a batch needs its rows. Pages of a memory map that were read are handed back to the
+    kernel's page cache every RELEASE_BYTES, so the process's resident memory stays bounded while it reads a
+    file larger than memory."""
+
+    RELEASE_BYTES = 64 << 20
 
     def __init__(self, array: np.ndarray, index: np.ndarray | None = None):
         self.array, self.index = array, index
+        self.mapped = _mapping(array)
+        self.unreleased = 0  # bytes read from the mapping since its pages were last released
 
     def __len__(self) -> int:
         return len(self.array) if self.index is None else len(self.index)
@@ -140,12 +147,25 @@ class Rows:
         return tuple(self.array.shape[1:])
 
     def take(self, positions: np.ndarray | slice) -> np.ndarray:
-        """The rows at `positions` (of this selection), as an in-memory array."""
-        rows = self.array[positions] if self.index is None else self.array[self.index[positions]]
-        return np.asarray(rows)
+        """The rows at `positions` (of this selection), copied into memory."""
+        rows = np.array(self.array[positions] if self.index is None else self.array[self.index[positions]])
+        if self.mapped is not None:
+            self.unreleased += rows.nbytes
+            if self.unreleased >= self.RELEASE_BYTES:
+                self.mapped.madvise(mmap.MADV_DONTNEED)  # a shared file mapping: the pages stay cached, re-read cheaply
+                self.unreleased = 0
+        return rows
 
     def whole(self) -> np.ndarray:
         return np.asarray(self.array) if self.index is None else self.array[self.index]
+
+
+def _mapping(array: np.ndarray) -> mmap.mmap | None:
+    """The memory map under `array` (np.load's mmap_mode, or a view of one), if any."""
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    return base
 
 
 class StreamedSplit(torch.utils.data.Dataset):
@@ -379,9 +399,21 @@ class InMemoryDataModule(pl.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in self.splits.items()}
 
-    def _batches(self, split: str, shuffle: bool) -> IndexBatches | torch.utils.data.DataLoader:
+    def split_size(self, split: str) -> int:
+        return len(self.streamed[split][0]) if self.streamed else len(self.splits[split][0])
+
+    def inputs(self, split: str, n: int) -> torch.Tensor:
+        """The first `n` inputs of `split` as the network sees them, on the host, on either path."""
+        if not self.streamed:
+            return self.splits[split][0][:n].cpu()
+        x, y = self.streamed[split]
+        return StreamedSplit(x, y, self._tensors, self.norm_stats)[torch.arange(min(n, len(x)))][0]
+
+    def _batches(self, split: str, shuffle: bool, batch_size: int | None = None) -> IndexBatches | torch.utils.data.DataLoader:
+        """A split's batches on its path; `batch_size` None: dataset.batch_size to train, at least EVAL_BATCH_SIZE
+        to evaluate."""
         trainer = self.trainer
-        batch_size = self.batch_size if shuffle else max(self.batch_size, EVAL_BATCH_SIZE)
+        batch_size = batch_size or (self.batch_size if shuffle else max(self.batch_size, EVAL_BATCH_SIZE))
         order = {
             "seed": self.seed,
             "epoch": (lambda: trainer.current_epoch) if trainer is not None else (lambda: 0),
@@ -418,6 +450,10 @@ class InMemoryDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> IndexBatches | torch.utils.data.DataLoader:
         return self._batches("test", shuffle=False)
+
+    def eval_loader(self, split: str) -> IndexBatches | torch.utils.data.DataLoader:
+        """`split` in batches of EVAL_BATCH_SIZE, for a Trainer this data module is not attached to (dlrun-eval)."""
+        return self._batches(split, shuffle=False, batch_size=EVAL_BATCH_SIZE)
 
 
 def free_memory(device: torch.device) -> int:

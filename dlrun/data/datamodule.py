@@ -312,10 +312,11 @@ class InMemoryDataModule(pl.LightningDataModule):
             mode, reason = "in memory", f"{_size(total)} fit the budget, {_size(budget)} ({where})"
         else:
             mode, reason = "streamed", f"{_size(total)} exceed the budget, {_size(budget)} ({where})"
-        batch = per_sample * self.batch_size
+        batch_size = min(self.batch_size, len(host["train"][0]))
+        batch = per_sample * batch_size
         if mode == "streamed" and batch > budget:
             raise DataError(
-                f"dataset={self.name}: one batch of {self.batch_size} samples takes {_size(batch)}, more than the "
+                f"dataset={self.name}: one batch of {batch_size} samples takes {_size(batch)}, more than the "
                 f"memory budget of {_size(budget)} ({where}).",
                 "Raise dataset.memory_budget (bytes), or lower dataset.batch_size.")
         return {"mode": mode, "reason": reason, "bytes": total, "budget": budget}

@@ -15,7 +15,6 @@ from hydra.utils import instantiate
 
 from dlrun.config import find_problems
 from dlrun.data.datamodule import InMemoryDataModule, Rows
-from dlrun.errors import DataError
 from tests.test_user_data import write_images
 
 QUICK = ["dataset.n_train=300", "trainer.max_epochs=2", "model.width=16", "print_config=false",
@@ -88,7 +87,7 @@ def test_the_image_folder_streams_from_its_memory_mapped_cache(datamodule, tmp_p
     streamed = datamodule("image_folder", *overrides, "dataset.in_memory=false")
     streamed.prepare()
     x, _ = streamed.streamed["train"]
-    assert isinstance(x, Rows) and x.mapped is not None and not streamed.splits  # read from the file by batch
+    assert isinstance(x, Rows) and x.file is not None and not streamed.splits  # read from the file by batch
     memory = datamodule("image_folder", *overrides, "dataset.in_memory=true")
     memory.prepare()
     xs, ys = next(iter(streamed._batches("val", shuffle=False)))
@@ -113,19 +112,27 @@ PEAK_RSS = textwrap.dedent("""
         cfg = compose("config", overrides=["dataset=arrays", f"dataset.path={path}", f"dataset.memory_budget={budget}",
                                            "dataset.batch_size=256", "model.width=16", "trainer.max_epochs=1",
                                            "callbacks.progress_bar=false"])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def status(key):  # bytes, from the kernel's account of this process
+        with open("/proc/self/status") as lines:
+            return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(key + ":"))
+
+    # getrusage's peak includes the imports' (which peaked higher): the kernel's high-water mark is reset instead
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    before, before_maxrss = status("VmRSS"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     datamodule, _, module = build_experiment(cfg, {"dataset": "arrays", "model": "mlp"})
     trainer, _, _ = build_trainer(cfg, RunDir(sys.argv[3]), {})
     trainer.fit(module, datamodule=datamodule, weights_only=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"before": before, "peak": peak, "mode": datamodule.data_path["mode"],
-                      "steps": trainer.global_step}))
+    print(json.dumps({"before": before, "peak": status("VmHWM"), "before_maxrss": before_maxrss,
+                      "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "mode": datamodule.data_path["mode"], "steps": trainer.global_step}))
 """)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak from /proc/self/status")
 def test_peak_memory_stays_bounded_when_streaming_a_file_larger_than_the_budget(tmp_path):
-    """A 192 MB memory-mapped X.npy, a 32 MB budget: the process grows by far less than the file while it reads
-    all of it for the statistics and an epoch (the read pages go back to the page cache)."""
+    """A 183 MB memory-mapped X.npy, a 32 MB budget: the process grows by less than the budget plus a constant
+    while it reads all of it for the statistics and an epoch (rows are read from the file, not mapped)."""
     n, features = 48_000, 1000
     data = tmp_path / "big"
     data.mkdir()
@@ -143,6 +150,9 @@ def test_peak_memory_stays_bounded_when_streaming_a_file_larger_than_the_budget(
     measured = json.loads(proc.stdout.strip().splitlines()[-1])
     grown = measured["peak"] - measured["before"]
     print(f"\nstreaming {(n * features * 4) >> 20} MB with a {budget >> 20} MB budget: peak RSS "
-          f"{measured['peak'] >> 20} MB, {grown >> 20} MB above the {measured['before'] >> 20} MB before loading")
+          f"{measured['peak'] >> 20} MB, {grown >> 20} MB above the {measured['before'] >> 20} MB before loading "
+          f"(getrusage: {measured['before_maxrss'] >> 20} MB before, {measured['maxrss'] >> 20} MB after)")
     assert measured["mode"] == "streamed" and measured["steps"] > 0
-    assert grown < (n * features * 4) // 2  # generous: the budget, Rows.RELEASE_BYTES, and Lightning's own
+    # generous: the budget plus 96 MB for Lightning's own, a few batches and the statistics' chunks; well below
+    # the file, which reading it through the memory map would add (measured here: ~270 MB above before)
+    assert grown < budget + (96 << 20) < n * features * 4

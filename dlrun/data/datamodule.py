@@ -31,7 +31,7 @@ from dlrun.data.spec import DataSpec
 from dlrun.errors import DataError
 
 EVAL_BATCH_SIZE = 1024  # validation/test batches: metrics are sums, so the size only changes speed
-STATS_CHUNK = 4096  # rows per step of the normalization statistics: bounded memory on either path
+STATS_CHUNK_ELEMENTS = 1 << 20  # per step of the normalization statistics (8 MB of float64): bounded memory
 DEFAULT_BUDGET_FRACTION = 0.5  # of the training device's free memory, when dataset.memory_budget is null
 
 
@@ -127,17 +127,14 @@ class IndexBatches:
 
 
 class Rows:
-    """Some rows of an array (all of them with `index` None), read only when asked: a memory-mapped cache
-    stays on disk until a batch needs its rows. Pages of a memory map that were read are handed back to the
-    kernel's page cache every RELEASE_BYTES, so the process's resident memory stays bounded while it reads a
-    file larger than memory."""
-
-    RELEASE_BYTES = 64 << 20
+    """Some rows of an array (all of them with `index` None), read only when asked. Rows of a memory-mapped
+    file (an image cache, an .npy) are read from the file with pread, not through the map: a page fault maps
+    a whole folio of the page cache around each row, so reading batches through the map would grow the
+    process by up to the file's size, where reads leave the bytes in the kernel's cache only."""
 
     def __init__(self, array: np.ndarray, index: np.ndarray | None = None):
         self.array, self.index = array, index
-        self.mapped = _mapping(array)
-        self.unreleased = 0  # bytes read from the mapping since its pages were last released
+        self.file = _file_rows(array)  # (path, byte offset of row 0), or None: an array in memory
 
     def __len__(self) -> int:
         return len(self.array) if self.index is None else len(self.index)
@@ -148,24 +145,38 @@ class Rows:
 
     def take(self, positions: np.ndarray | slice) -> np.ndarray:
         """The rows at `positions` (of this selection), copied into memory."""
-        rows = np.array(self.array[positions] if self.index is None else self.array[self.index[positions]])
-        if self.mapped is not None:
-            self.unreleased += rows.nbytes
-            if self.unreleased >= self.RELEASE_BYTES:
-                self.mapped.madvise(mmap.MADV_DONTNEED)  # a shared file mapping: the pages stay cached, re-read cheaply
-                self.unreleased = 0
-        return rows
+        if self.file is None:
+            return np.array(self.array[positions] if self.index is None else self.array[self.index[positions]])
+        rows = np.arange(len(self))[positions] if self.index is None else self.index[positions]
+        out = np.empty((len(rows), *self.sample_shape), dtype=self.array.dtype)
+        if len(rows) == 0:
+            return out
+        path, start = self.file
+        row_bytes = out[0].nbytes
+        with open(path, "rb", buffering=0) as file:
+            if rows[-1] - rows[0] + 1 == len(rows) and np.all(np.diff(rows) == 1):  # a run: one read
+                reads = [(memoryview(out).cast("B"), start + int(rows[0]) * row_bytes)]
+            else:
+                reads = [(memoryview(out[k]).cast("B"), start + int(rows[k]) * row_bytes) for k in np.argsort(rows)]
+            for buffer, offset in reads:
+                if os.preadv(file.fileno(), [buffer], offset) != len(buffer):
+                    raise DataError(f"{path} ended before the rows it should hold: it changed while in use.",
+                                    "Run again; a cache is rebuilt when its files change.")
+        return out
 
     def whole(self) -> np.ndarray:
         return np.asarray(self.array) if self.index is None else self.array[self.index]
 
 
-def _mapping(array: np.ndarray) -> mmap.mmap | None:
-    """The memory map under `array` (np.load's mmap_mode, or a view of one), if any."""
-    base = array
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "base", None)
-    return base
+def _file_rows(array: np.ndarray) -> tuple[str, int] | None:
+    """(file, byte offset of its first row) when `array` is C-contiguous rows of a np.memmap (np.load's
+    mmap_mode, or a slice of one); None otherwise."""
+    root = array
+    while root is not None and not (isinstance(root, np.memmap) and isinstance(root.base, mmap.mmap)):
+        root = getattr(root, "base", None)
+    if root is None or root.filename is None or not array.flags.c_contiguous:
+        return None
+    return root.filename, root.offset + array.ctypes.data - root.ctypes.data
 
 
 class StreamedSplit(torch.utils.data.Dataset):
@@ -378,13 +389,13 @@ class InMemoryDataModule(pl.LightningDataModule):
             dims, shape = (0, 2, 3), (1, first.shape[1], 1, 1)
         else:  # (N, F) or (N, T, F): one statistic per feature
             dims, shape = tuple(range(first.dim() - 1)), (1,) * (first.dim() - 1) + (first.shape[-1],)
-        step = max(1, (1 << 22) // max(1, first[0].numel()))  # ~32 MB of float64 per chunk
+        step = max(1, STATS_CHUNK_ELEMENTS // max(1, first[0].numel()))
         count, mean, m2 = 0, torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
         for start in range(0, n, step):
             chunk = rows(start, min(n, start + step)).to(torch.float64)
             chunk_count = chunk.numel() // mean.numel()
             chunk_mean = chunk.mean(dim=dims).reshape(shape)
-            chunk_m2 = ((chunk - chunk_mean) ** 2).sum(dim=dims).reshape(shape)
+            chunk_m2 = chunk.sub_(chunk_mean).pow_(2).sum(dim=dims).reshape(shape)
             total = count + chunk_count
             delta = chunk_mean - mean
             mean = mean + delta * chunk_count / total

@@ -165,7 +165,9 @@ class Rows:
         return out
 
     def whole(self) -> np.ndarray:
-        return np.asarray(self.array) if self.index is None else self.array[self.index]
+        """Every row, for the in-memory path; a read-only map is copied (torch converts writable arrays only)."""
+        rows = np.asarray(self.array) if self.index is None else self.array[self.index]
+        return rows if rows.flags.writeable else np.array(rows)
 
 
 def _file_rows(array: np.ndarray) -> tuple[str, int] | None:

@@ -192,6 +192,7 @@ def build_trainer(
             default_root_dir=str(run_dir.path),
             enable_model_summary=False,  # the callbacks group adds a rich one
             enable_progress_bar=any(isinstance(c, RichProgressBar) for c in callbacks),
+            use_distributed_sampler=False,  # dlrun's batches stride DDP ranks themselves (BatchOrder), streamed too
         )
     except MisconfigurationException as err:  # hardware=gpu without a GPU, 16-mixed on a CPU, ...
         raise UserError(

@@ -44,6 +44,15 @@ def test_in_memory_and_streamed_runs_give_the_same_metrics(run_dlrun, grouping):
     assert "streamed (dataset.in_memory=false)" in " ".join(streamed.stdout.split())
 
 
+def test_in_memory_and_streamed_runs_agree_under_ddp(run_dlrun):
+    """Two CPU processes: each rank streams its own stride of the same permutation, as in memory."""
+    in_memory = run_dlrun(*QUICK, "hardware=ddp_cpu", "dataset.in_memory=true")
+    streamed = run_dlrun(*QUICK, "hardware=ddp_cpu", "dataset.in_memory=false")
+    a, b = in_memory.summary(in_memory.run_dirs[0]), streamed.summary(streamed.run_dirs[-1])
+    assert a["world_size"] == b["world_size"] == 2 and b["data_path"]["mode"] == "streamed"
+    assert a["metrics"] == b["metrics"] and a["global_step"] == b["global_step"]
+
+
 def test_auto_streams_when_the_data_exceeds_the_budget_and_says_why(run_dlrun):
     result = run_dlrun(*QUICK, "dataset.memory_budget=50000")  # digits' tensors take ~400 KB
     path = result.summary()["data_path"]

@@ -8,8 +8,8 @@ both fitted on the training split only, the DataSpec, and batching.
 Batching takes one of two paths (`dataset.in_memory`; `auto` picks by `dataset.memory_budget`). In memory:
 the splits are tensors on the training device, drawn by index without a DataLoader (no worker processes,
 no per-sample Python, no host-to-device copy per batch). Streamed: the splits stay on the host as loaded
-(a memory-mapped cache stays mapped), and a DataLoader's workers convert and normalize each batch, which
-Lightning moves to the device. Both draw the same indices in the same order (`BatchOrder`) and apply the
+(a memory-mapped cache stays on disk, its rows read as batches need them), and a DataLoader's workers
+convert and normalize each batch, which Lightning moves to the device. Both draw the same indices in the same order (`BatchOrder`) and apply the
 same float32 operations to each sample, so the same seed gives the same metrics on either path.
 """
 

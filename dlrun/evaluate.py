@@ -97,12 +97,9 @@ def _test(module, datamodule, split: str, root: Path) -> tuple[dict[str, float],
     """`split`'s metrics of `module`, through Lightning's test loop as in training; and the device used."""
     import pytorch_lightning as pl
 
-    from dlrun.data.datamodule import EVAL_BATCH_SIZE, IndexBatches
-
-    x, y = datamodule.splits[split]
     trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=str(root))
-    tested = trainer.test(module, dataloaders=IndexBatches(x, y, EVAL_BATCH_SIZE, shuffle=False), verbose=False)
+    tested = trainer.test(module, dataloaders=datamodule.eval_loader(split), verbose=False)
     metrics = {f"{split}/{k.split('/', 1)[-1]}": float(v) for k, v in sorted((tested[0] if tested else {}).items())}
     return metrics, str(trainer.strategy.root_device)
 
@@ -125,7 +122,7 @@ def evaluate(target: str | Path, split: str = "test", which: str = "best") -> di
         "checkpoint": str(checkpoint_path.resolve()),
         "epoch": checkpoint.get("epoch"),
         "split": split,
-        "samples": len(datamodule.splits[split][0]),
+        "samples": datamodule.split_size(split),
         "metrics": metrics,
         "device": device,
         **_stamp(),
@@ -205,7 +202,7 @@ def evaluate_ensemble(targets: list[str | Path], split: str = "test", which: str
     metrics, device = _test(averaged, datamodule, split, members[0][0].path)
     shared = [k for k in rows[0]["metrics"] if all(k in r["metrics"] for r in rows)]
     mean = {k: sum(r["metrics"][k] for r in rows) / len(rows) for k in shared}
-    result = {"split": split, "samples": len(datamodule.splits[split][0]), "members": rows, "member_mean": mean,
+    result = {"split": split, "samples": datamodule.split_size(split), "members": rows, "member_mean": mean,
               "ensemble": metrics, "device": device, **_stamp()}
     if json_path is None and len(targets) == 1 and _is_sweep_dir(Path(targets[0]).expanduser()):
         json_path = Path(targets[0]).expanduser() / f"ensemble_{split}.json"

@@ -60,7 +60,7 @@ def export(target: str | Path, fmt: str = "onnx", which: str = "best", output: s
     datamodule, module, checkpoint = _load(run_dir, checkpoint_path, cfg)
     model_name = _choices(run_dir).get("model") or cfg.model.get("_target_", "?")
     network = module.network.cpu().eval()
-    inputs = datamodule.splits["test"][0][:CHECK_SAMPLES].cpu()
+    inputs = datamodule.inputs("test", CHECK_SAMPLES)
     path = Path(output) if output else run_dir.path / FORMATS[fmt]
     path.parent.mkdir(parents=True, exist_ok=True)
     write = _write_onnx if fmt == "onnx" else _write_torchscript

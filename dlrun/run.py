@@ -50,8 +50,8 @@ log = logging.getLogger("dlrun")
 # lightning_fabric sets PYTORCH_NVML_BASED_CUDA_CHECK=1 when imported, so that asking whether CUDA exists does not
 # initialize it before a fork. With it set, torch.cuda.is_available() asks NVML afresh at every call, library load
 # included, and torch's Adam calls it at every step (Optimizer._accelerator_graph_capture_health_check): ~0.5 ms a
-# step on a CPU machine, a quarter of a small network's step. dlrun forks no CUDA user (in-memory batches without
-# DataLoader workers; DDP ranks are fresh processes), so it takes torch's own cached check.
+# step on a CPU machine, a quarter of a small network's step. dlrun forks no CUDA user (DDP ranks are fresh processes;
+# the DataLoader workers of streamed data only index host arrays), so it takes torch's own cached check.
 os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
 
 # Lightning's advice that does not apply to in-memory batches and epoch-level logging.
@@ -107,6 +107,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
     summary.params = sum(p.numel() for p in module.network.parameters())
     summary.data = spec.describe()
     summary.data_notes = datamodule.notes or None
+    summary.data_path = datamodule.data_path
     if datamodule.preprocessing is not None and is_rank_zero() and not resuming:
         run_dir.write_text(run_dir.preprocessing_file.name, json.dumps(datamodule.preprocessing, indent=2) + "\n")
     resume_from = _resume_checkpoint(run_dir, module) if resuming else None
@@ -120,7 +121,8 @@ def run_experiment(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         if cfg.print_config:
             print_config_tree(cfg, choices)
-        console.print(f"[bold]data[/bold] {spec.describe()} · run directory {run_dir.path}")
+        path = datamodule.data_path
+        console.print(f"[bold]data[/bold] {spec.describe()} · {path['mode']} ({path['reason']}) · run directory {run_dir.path}")
         if datamodule.notes:
             console.print("[bold]data notes[/bold] " + ", ".join(f"{k} {v}" for k, v in datamodule.notes.items()))
 
@@ -190,6 +192,7 @@ def build_trainer(
             default_root_dir=str(run_dir.path),
             enable_model_summary=False,  # the callbacks group adds a rich one
             enable_progress_bar=any(isinstance(c, RichProgressBar) for c in callbacks),
+            use_distributed_sampler=False,  # dlrun's batches stride DDP ranks themselves (BatchOrder), streamed too
         )
     except MisconfigurationException as err:  # hardware=gpu without a GPU, 16-mixed on a CPU, ...
         raise UserError(
@@ -210,6 +213,7 @@ def build_experiment(
     leaves the optimizer and schedule out (evaluating needs neither)."""
     check_targets(cfg)
     datamodule: InMemoryDataModule = instantiate(cfg.dataset, seed=cfg.seed, name=choices.get("dataset"))
+    datamodule.device = _training_device(cfg.hardware.get("accelerator", "cpu"))  # whose free memory is the budget
     if preprocessing is not None:
         datamodule.use_preprocessing(preprocessing)
     spec = datamodule.prepare()
@@ -255,6 +259,12 @@ def check_targets(cfg: DictConfig) -> None:
             raise UserError(f"{key}._target_ = {target}: expected a class derived from {kinds}"
                             + (f" ({found})" if isinstance(found, Exception) else ""),
                             "Name a class as module.Class, with its module on PYTHONPATH.", title="Unknown class")
+
+
+def _training_device(accelerator: str) -> torch.device:
+    """The device the accelerator setting trains on, as far as the data's memory budget cares: a GPU or the host."""
+    wants_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return torch.device("cuda") if wants_gpu and torch.cuda.is_available() else torch.device("cpu")
 
 
 def _resume_checkpoint(run_dir: RunDir, module: Experiment) -> tuple[str, int] | None:

@@ -44,6 +44,7 @@ class RunSummary:
     params: int | None = None
     data: str | None = None  # DataSpec.describe()
     data_notes: dict[str, Any] | None = None  # what loading found: a cache hit, skipped images, ...
+    data_path: dict[str, Any] | None = None  # how batches were made: {mode: in memory | streamed, reason, bytes, budget}
     resumed: list[dict[str, Any]] | None = None  # one {at, epoch} per resumed session
     global_batch_size: int | None = None  # samples per optimizer step, over every device
     best_value: float | None = None  # the monitored metric's best value, and its epoch

@@ -4,6 +4,8 @@ X's shape after the sample axis decides the input kind, as for every data set: (
 (N, T, F) sequences, (N, C, H, W) images. y is one label per sample (N,), or (N, K) numbers for K
 regression outputs; its task is inferred as a CSV target's is (dlrun.data.targets). Files are read
 with `allow_pickle=False`: arrays of Python objects are refused, so nothing in a file runs code.
+`.npy` files are memory-mapped, so that a streamed data set (dataset.in_memory) is read as batches need
+it; an `.npz` is read whole.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class ArrayFile(InMemoryDataModule):
                 raise DataError(f"dataset={self.name}: the directory {where.resolve()} (dataset.path) has no {file.name}.",
                                 "Put X.npy and y.npy there (names: dataset.x_key, dataset.y_key), or point "
                                 "dataset.path at an .npz file.")
-            return self._load(file, lambda loaded: loaded)
+            return self._load(file, lambda loaded: loaded, mmap_mode="r")  # streamed data is read as batches need it
         if not where.exists():
             raise DataError(f"dataset={self.name}: no file at {where.resolve()} (dataset.path).",
                             f"Point dataset.path at an .npz file: dlrun dataset={self.name} {EXAMPLE}")
@@ -85,9 +87,9 @@ class ArrayFile(InMemoryDataModule):
 
         return self._load(where, member)
 
-    def _load(self, file: Path, pick) -> np.ndarray:
+    def _load(self, file: Path, pick, mmap_mode: str | None = None) -> np.ndarray:
         try:
-            loaded = np.load(file, allow_pickle=False)
+            loaded = np.load(file, allow_pickle=False, mmap_mode=mmap_mode)
             try:
                 return pick(loaded)
             finally:
@@ -96,7 +98,7 @@ class ArrayFile(InMemoryDataModule):
         except DataError:
             raise
         except ValueError as err:
-            if "allow_pickle" in str(err):
+            if "allow_pickle" in str(err) or "Python objects" in str(err):  # np.load, or its memory map
                 raise DataError(f"dataset={self.name}: {file.resolve()} holds an array of Python objects, which dlrun "
                                 "does not load (loading them could run code).",
                                 "Save arrays of numbers (or of fixed-width strings for labels).") from err

@@ -1,16 +1,25 @@
-"""In-memory data: tensors on the training device, batched by index with a fresh permutation per epoch.
+"""Data sets: tensors on the training device batched by index, or streamed from host memory when they do not fit.
 
-Every data set that fits in memory subclasses `InMemoryDataModule` and implements `load()`. The base
-class does the rest the same way for all of them: a deterministic train/val/test split from the data seed
-(stratified for classification), an optional cap on the training size, a data set's own preprocessing
-and normalization, both fitted on the training split only, the DataSpec, and batching without a DataLoader (no worker processes, no
-per-sample Python, no host-to-device copy per batch).
+Every data set subclasses `InMemoryDataModule` and implements `load()`. The base class does the rest the
+same way for all of them: a deterministic train/val/test split from the data seed (stratified for
+classification), an optional cap on the training size, a data set's own preprocessing and normalization,
+both fitted on the training split only, the DataSpec, and batching.
+
+Batching takes one of two paths (`dataset.in_memory`; `auto` picks by `dataset.memory_budget`). In memory:
+the splits are tensors on the training device, drawn by index without a DataLoader (no worker processes,
+no per-sample Python, no host-to-device copy per batch). Streamed: the splits stay on the host as loaded
+(a memory-mapped cache stays on disk, its rows read as batches need them), and a DataLoader's workers
+convert and normalize each batch, which Lightning moves to the device. Both draw the same indices in the same order (`BatchOrder`) and apply the
+same float32 operations to each sample, so the same seed gives the same metrics on either path.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -19,8 +28,11 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from dlrun.data.spec import DataSpec
+from dlrun.errors import DataError
 
 EVAL_BATCH_SIZE = 1024  # validation/test batches: metrics are sums, so the size only changes speed
+STATS_CHUNK_ELEMENTS = 1 << 20  # per step of the normalization statistics (8 MB of float64): bounded memory
+DEFAULT_BUDGET_FRACTION = 0.5  # of the training device's free memory, when dataset.memory_budget is null
 
 
 @dataclass
@@ -41,19 +53,19 @@ class Arrays:
     y_val: np.ndarray | None = None
 
 
-class IndexBatches:
-    """An iterable of (x, y) batches drawn from tensors by index.
+class BatchOrder:
+    """The indices of an epoch's batches: the one order both batching paths follow.
 
     With `shuffle` (training), each epoch uses a permutation drawn from (seed, epoch), so a resumed run
     sees the same batches as an uninterrupted one. Under DDP each rank takes every world-th index of the
     same permutation; training drops the remainder so that every rank runs the same number of steps.
     Training also drops a last batch of one sample after full ones: batch norm cannot train on it.
+    Iterating yields one index tensor per batch, so it serves as a DataLoader's sampler with batch_size=None.
     """
 
     def __init__(
         self,
-        x: torch.Tensor,
-        y: torch.Tensor,
+        n: int,
         batch_size: int,
         shuffle: bool,
         seed: int = 0,
@@ -61,15 +73,15 @@ class IndexBatches:
         rank: int = 0,
         world_size: int = 1,
     ):
-        self.x, self.y = x, y
+        self.n = n
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = epoch
         self.rank, self.world_size = rank, world_size
 
-    def _indices(self) -> torch.Tensor:
-        n = len(self.x)
+    def indices(self) -> torch.Tensor:
+        n = self.n
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch())
             order = torch.randperm(n, generator=generator)
@@ -79,26 +91,117 @@ class IndexBatches:
             if self.shuffle:  # equal step counts on every rank keep the gradient all-reduce in step
                 order = order[: n - n % self.world_size]
             order = order[self.rank :: self.world_size]
-        return order.to(self.x.device)
+        return order
 
     def __len__(self) -> int:
         """Batches per epoch (on this rank)."""
-        n = len(self.x)
+        n = self.n
         if self.world_size > 1:
             n = n // self.world_size if self.shuffle else len(range(self.rank, n, self.world_size))
         if self.shuffle and n > self.batch_size and n % self.batch_size == 1:
             return n // self.batch_size  # the sample left over waits for the next epoch's permutation
         return -(-n // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self._indices()
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        order = self.indices()
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start : start + self.batch_size]
+            yield order[start : start + self.batch_size]
+
+
+class IndexBatches:
+    """An iterable of (x, y) batches drawn by index from tensors (on the training device), in `BatchOrder`."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, **order):
+        self.x, self.y = x, y
+        self.order = BatchOrder(len(x), batch_size, shuffle, **order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.order.indices().to(self.x.device)
+        size = self.order.batch_size
+        for start in range(0, len(self) * size, size):
+            index = order[start : start + size]
             yield self.x[index], self.y[index]
 
 
+class Rows:
+    """Some rows of an array (all of them with `index` None), read only when asked. Rows of a memory-mapped
+    file (an image cache, an .npy) are read from the file with pread, not through the map: a page fault maps
+    a whole folio of the page cache around each row, so reading batches through the map would grow the
+    process by up to the file's size, where reads leave the bytes in the kernel's cache only."""
+
+    def __init__(self, array: np.ndarray, index: np.ndarray | None = None):
+        self.array, self.index = array, index
+        self.file = _file_rows(array)  # (path, byte offset of row 0), or None: an array in memory
+
+    def __len__(self) -> int:
+        return len(self.array) if self.index is None else len(self.index)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape[1:])
+
+    def take(self, positions: np.ndarray | slice) -> np.ndarray:
+        """The rows at `positions` (of this selection), copied into memory."""
+        if self.file is None:
+            return np.array(self.array[positions] if self.index is None else self.array[self.index[positions]])
+        rows = np.arange(len(self))[positions] if self.index is None else self.index[positions]
+        out = np.empty((len(rows), *self.sample_shape), dtype=self.array.dtype)
+        if len(rows) == 0:
+            return out
+        path, start = self.file
+        row_bytes = out[0].nbytes
+        with open(path, "rb", buffering=0) as file:
+            if rows[-1] - rows[0] + 1 == len(rows) and np.all(np.diff(rows) == 1):  # a run: one read
+                reads = [(memoryview(out).cast("B"), start + int(rows[0]) * row_bytes)]
+            else:
+                reads = [(memoryview(out[k]).cast("B"), start + int(rows[k]) * row_bytes) for k in np.argsort(rows)]
+            for buffer, offset in reads:
+                if os.preadv(file.fileno(), [buffer], offset) != len(buffer):
+                    raise DataError(f"{path} ended before the rows it should hold: it changed while in use.",
+                                    "Run again; a cache is rebuilt when its files change.")
+        return out
+
+    def whole(self) -> np.ndarray:
+        """Every row, for the in-memory path; a read-only map is copied (torch converts writable arrays only)."""
+        rows = np.asarray(self.array) if self.index is None else self.array[self.index]
+        return rows if rows.flags.writeable else np.array(rows)
+
+
+def _file_rows(array: np.ndarray) -> tuple[str, int] | None:
+    """(file, byte offset of its first row) when `array` is C-contiguous rows of a np.memmap (np.load's
+    mmap_mode, or a slice of one); None otherwise."""
+    root = array
+    while root is not None and not (isinstance(root, np.memmap) and isinstance(root.base, mmap.mmap)):
+        root = getattr(root, "base", None)
+    if root is None or root.filename is None or not array.flags.c_contiguous:
+        return None
+    return root.filename, root.offset + array.ctypes.data - root.ctypes.data
+
+
+class StreamedSplit(torch.utils.data.Dataset):
+    """One split on the host; item `positions` (a batch of indices from BatchOrder) is that batch as tensors,
+    converted and normalized as the in-memory path converts and normalizes the whole split."""
+
+    def __init__(self, x: Rows, y: np.ndarray, to_tensors: Callable, norm: tuple[torch.Tensor, torch.Tensor] | None):
+        self.x, self.y, self.to_tensors, self.norm = x, y, to_tensors, norm
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = positions.numpy()
+        x, y = self.to_tensors(self.x.take(positions), self.y[positions])
+        if self.norm is not None:
+            x = (x - self.norm[0]) / self.norm[1]
+        return x, y
+
+
 class InMemoryDataModule(pl.LightningDataModule):
-    """Base class of every in-memory data set. Subclasses set `task` and implement `load()`."""
+    """Base class of every data set (held in memory when it fits, else streamed). Subclasses set `task` and
+    implement `load()`."""
 
     task: ClassVar[str] = "multiclass"
     integer_inputs: ClassVar[bool] = False  # token indices: kept as integers, never normalized
@@ -114,8 +217,14 @@ class InMemoryDataModule(pl.LightningDataModule):
         seed: int = 0,
         split_seed: int | None = None,
         name: str | None = None,
+        in_memory: bool | str = "auto",
+        memory_budget: float | None = None,
+        num_workers: int = 0,
     ):
         super().__init__()
+        self.in_memory = in_memory
+        self.memory_budget = memory_budget
+        self.num_workers = num_workers
         self.batch_size = batch_size
         self.n_train = n_train
         self.val_fraction = val_fraction
@@ -133,6 +242,11 @@ class InMemoryDataModule(pl.LightningDataModule):
         # own). Set before prepare(), it is applied as given instead of fitted: see use_preprocessing.
         self.preprocessing: dict | None = None
         self.notes: dict = {}  # what loading found (skipped files, a cache hit), printed and put in summary.json
+        # the device whose free memory sets the default budget; run.py sets it before prepare()
+        self.device = torch.device("cpu")
+        # how batches are made: {mode: "in memory" | "streamed", reason, bytes, budget}, set by prepare()
+        self.data_path: dict | None = None
+        self.streamed: dict[str, tuple[Rows, np.ndarray]] = {}  # the splits on the host, when streaming
 
     # --- what a subclass provides -------------------------------------------------------------
     def load(self) -> Arrays:
@@ -161,16 +275,32 @@ class InMemoryDataModule(pl.LightningDataModule):
 
     # --- the shared pipeline ------------------------------------------------------------------
     def prepare(self) -> DataSpec:
-        """Load, split, normalize and describe the data. Idempotent; called before the model is built."""
+        """Load, split, preprocess, choose the batching path, normalize and describe the data. Idempotent;
+        called before the model is built."""
         if self.spec is not None:
             return self.spec
         arrays = self.load()
-        raw = self._split(arrays)
-        parts = {"train": self._tensors(*self.fit_transform(*raw.pop("train")))}
-        parts.update({k: self._tensors(*self.transform(x, y)) for k, (x, y) in raw.items()})
-        if self.normalize and not self.integer_inputs:
-            self.norm_stats = self._fit_normalization(parts["train"][0])
-            parts = {k: (self._normalized(x), y) for k, (x, y) in parts.items()}
+        host = self._split(arrays)
+        if type(self).fit_transform is not InMemoryDataModule.fit_transform:  # preprocessing needs whole splits
+            train = self.fit_transform(host["train"][0].whole(), host.pop("train")[1])
+            fitted = {"train": train, **{k: self.transform(x.whole(), y) for k, (x, y) in host.items()}}
+            host = {k: (Rows(x), np.asarray(y)) for k, (x, y) in fitted.items()}
+        self.data_path = self._choose_path(host)
+        normalize = self.normalize and not self.integer_inputs
+        if self.data_path["mode"] == "streamed":
+            x_train, y_train = host["train"]
+            if normalize:
+                self.norm_stats = self._fit_normalization(
+                    len(x_train), lambda a, b: self._tensors(x_train.take(slice(a, b)), y_train[a:b])[0])
+            self.streamed = host
+            self.spec = self.make_spec(torch.empty((0, *x_train.sample_shape)), arrays)
+            return self.spec
+        parts = {k: self._tensors(x.whole(), y) for k, (x, y) in host.items()}
+        if normalize:
+            x_train = parts["train"][0]
+            mean, std = self._fit_normalization(len(x_train), lambda a, b: x_train[a:b])
+            parts = {k: ((x - mean) / std, y) for k, (x, y) in parts.items()}
+            self.norm_stats = (mean, std)
         self.splits = parts
         self.spec = self.make_spec(parts["train"][0], arrays)
         return self.spec
@@ -188,12 +318,42 @@ class InMemoryDataModule(pl.LightningDataModule):
         mean, std = self.norm_stats
         return (x - mean) / std
 
+    def _choose_path(self, host: dict[str, tuple[Rows, np.ndarray]]) -> dict:
+        """In memory or streamed, and why: dataset.in_memory, or (auto) whether the splits' tensors fit the budget."""
+        x_bytes = 8 if self.integer_inputs else 4
+        y_bytes = 8 if self.task == "multiclass" else 4
+        per_sample = x_bytes * int(np.prod(host["train"][0].sample_shape)) + y_bytes * int(
+            np.prod(host["train"][1].shape[1:]))
+        total = per_sample * sum(len(x) for x, _ in host.values())
+        if self.in_memory is True:
+            return {"mode": "in memory", "reason": "dataset.in_memory=true", "bytes": total, "budget": None}
+        if self.memory_budget is not None:
+            budget, where = int(self.memory_budget), "dataset.memory_budget"
+        else:
+            budget = int(free_memory(self.device) * DEFAULT_BUDGET_FRACTION)
+            where = f"half the free memory of the {'GPU' if self.device.type == 'cuda' else 'host'}"
+        if self.in_memory is False:
+            mode, reason = "streamed", "dataset.in_memory=false"
+        elif total <= budget:
+            mode, reason = "in memory", f"{_size(total)} fit the budget, {_size(budget)} ({where})"
+        else:
+            mode, reason = "streamed", f"{_size(total)} exceed the budget, {_size(budget)} ({where})"
+        batch_size = min(self.batch_size, len(host["train"][0]))
+        batch = per_sample * batch_size
+        if mode == "streamed" and batch > budget:
+            raise DataError(
+                f"dataset={self.name}: one batch of {batch_size} samples takes {_size(batch)}, more than the "
+                f"memory budget of {_size(budget)} ({where}).",
+                "Raise dataset.memory_budget (bytes), or lower dataset.batch_size.")
+        return {"mode": mode, "reason": reason, "bytes": total, "budget": budget}
+
     def use_preprocessing(self, fitted: dict) -> None:
         """Apply `fitted` (a run's saved `preprocessing`) instead of fitting: dlrun-eval's way to transform
         the data exactly as the run did."""
         self.preprocessing = fitted
 
-    def _split(self, arrays: Arrays) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def _split(self, arrays: Arrays) -> dict[str, tuple[Rows, np.ndarray]]:
+        """{split: (its rows of the inputs, its targets)}: the inputs are not copied (a memory map stays one)."""
         classification = self.task in ("multiclass", "binary")
         x, y = np.asarray(arrays.x), np.asarray(arrays.y)
         idx = np.arange(len(x))
@@ -204,24 +364,27 @@ class InMemoryDataModule(pl.LightningDataModule):
 
         if arrays.x_val is not None and arrays.x_test is not None:
             train_idx = idx
-            val = (np.asarray(arrays.x_val), np.asarray(arrays.y_val))
-            test = (np.asarray(arrays.x_test), np.asarray(arrays.y_test))
+            val = (Rows(arrays.x_val), np.asarray(arrays.y_val))
+            test = (Rows(arrays.x_test), np.asarray(arrays.y_test))
         elif arrays.x_val is not None:
             train_idx, test_idx = cut(idx, self.test_fraction)
-            val = (np.asarray(arrays.x_val), np.asarray(arrays.y_val))
-            test = (x[np.sort(test_idx)], y[np.sort(test_idx)])
+            val = (Rows(arrays.x_val), np.asarray(arrays.y_val))
+            test = (Rows(x, np.sort(test_idx)), y[np.sort(test_idx)])
         elif arrays.x_test is not None:
             train_idx, val_idx = cut(idx, self.val_fraction)
-            val = (x[np.sort(val_idx)], y[np.sort(val_idx)])
-            test = (np.asarray(arrays.x_test), np.asarray(arrays.y_test))
+            val = (Rows(x, np.sort(val_idx)), y[np.sort(val_idx)])
+            test = (Rows(arrays.x_test), np.asarray(arrays.y_test))
         else:
             rest, test_idx = cut(idx, self.test_fraction)
             train_idx, val_idx = cut(rest, self.val_fraction / (1.0 - self.test_fraction))
-            val = (x[np.sort(val_idx)], y[np.sort(val_idx)])
-            test = (x[np.sort(test_idx)], y[np.sort(test_idx)])
+            val = (Rows(x, np.sort(val_idx)), y[np.sort(val_idx)])
+            test = (Rows(x, np.sort(test_idx)), y[np.sort(test_idx)])
         if self.n_train is not None and self.n_train < len(train_idx):
             train_idx = np.random.default_rng(self.data_seed).permutation(train_idx)[: self.n_train]
-        return {"train": (x[np.sort(train_idx)], y[np.sort(train_idx)]), "val": val, "test": test}
+        train_idx = np.sort(train_idx)
+        if len(train_idx) == len(x):  # all of x: its rows as they are (a memory map is not read)
+            return {"train": (Rows(x), y), "val": val, "test": test}
+        return {"train": (Rows(x, train_idx), y[train_idx]), "val": val, "test": test}
 
     def _tensors(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         x_t = torch.as_tensor(x, dtype=torch.long if self.integer_inputs else torch.float32)
@@ -231,14 +394,30 @@ class InMemoryDataModule(pl.LightningDataModule):
         return x_t, y_t
 
     @staticmethod
-    def _fit_normalization(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std per channel (images) or per feature (sequences, flat), from training data only."""
-        if x.dim() == 4:  # (N, C, H, W): one statistic per channel
-            dims, shape = (0, 2, 3), (1, x.shape[1], 1, 1)
+    def _fit_normalization(n: int, rows: Callable[[int, int], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std per channel (images) or per feature (sequences, flat), from training data only.
+
+        `rows(a, b)` gives training inputs a..b as float32; they are summed chunk by chunk in float64 (Chan's
+        parallel update), so that memory stays bounded and both batching paths get the same statistics."""
+        first = rows(0, 1)
+        if first.dim() == 4:  # (N, C, H, W): one statistic per channel
+            dims, shape = (0, 2, 3), (1, first.shape[1], 1, 1)
         else:  # (N, F) or (N, T, F): one statistic per feature
-            dims, shape = tuple(range(x.dim() - 1)), (1,) * (x.dim() - 1) + (x.shape[-1],)
-        mean = x.mean(dim=dims).reshape(shape)
-        std = x.std(dim=dims).reshape(shape)
+            dims, shape = tuple(range(first.dim() - 1)), (1,) * (first.dim() - 1) + (first.shape[-1],)
+        step = max(1, STATS_CHUNK_ELEMENTS // max(1, first[0].numel()))
+        count, mean, m2 = 0, torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+        for start in range(0, n, step):
+            chunk = rows(start, min(n, start + step)).to(torch.float64)
+            chunk_count = chunk.numel() // mean.numel()
+            chunk_mean = chunk.mean(dim=dims).reshape(shape)
+            chunk_m2 = chunk.sub_(chunk_mean).pow_(2).sum(dim=dims).reshape(shape)
+            total = count + chunk_count
+            delta = chunk_mean - mean
+            mean = mean + delta * chunk_count / total
+            m2 = m2 + chunk_m2 + delta**2 * count * chunk_count / total
+            count = total
+        std = (m2 / (count - 1)).sqrt() if count > 1 else torch.full(shape, float("nan"), dtype=torch.float64)
+        mean, std = mean.float(), std.float()
         return mean, torch.where(std > 1e-8, std, torch.ones_like(std))
 
     # --- Lightning hooks ------------------------------------------------------------------------
@@ -247,33 +426,83 @@ class InMemoryDataModule(pl.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in self.splits.items()}
 
-    def _batches(self, split: str, shuffle: bool) -> IndexBatches:
-        x, y = self.splits[split]
+    def split_size(self, split: str) -> int:
+        return len(self.streamed[split][0]) if self.streamed else len(self.splits[split][0])
+
+    def inputs(self, split: str, n: int) -> torch.Tensor:
+        """The first `n` inputs of `split` as the network sees them, on the host, on either path."""
+        if not self.streamed:
+            return self.splits[split][0][:n].cpu()
+        x, y = self.streamed[split]
+        return StreamedSplit(x, y, self._tensors, self.norm_stats)[torch.arange(min(n, len(x)))][0]
+
+    def _batches(self, split: str, shuffle: bool, batch_size: int | None = None) -> IndexBatches | torch.utils.data.DataLoader:
+        """A split's batches on its path; `batch_size` None: dataset.batch_size to train, at least EVAL_BATCH_SIZE
+        to evaluate."""
         trainer = self.trainer
-        return IndexBatches(
-            x,
-            y,
-            self.batch_size if shuffle else max(self.batch_size, EVAL_BATCH_SIZE),
-            shuffle=shuffle,
-            seed=self.seed,
-            epoch=(lambda: trainer.current_epoch) if trainer is not None else (lambda: 0),
-            rank=trainer.global_rank if trainer is not None else 0,
-            world_size=trainer.world_size if trainer is not None else 1,
+        batch_size = batch_size or (self.batch_size if shuffle else max(self.batch_size, EVAL_BATCH_SIZE))
+        order = {
+            "seed": self.seed,
+            "epoch": (lambda: trainer.current_epoch) if trainer is not None else (lambda: 0),
+            "rank": trainer.global_rank if trainer is not None else 0,
+            "world_size": trainer.world_size if trainer is not None else 1,
+        }
+        if not self.streamed:
+            x, y = self.splits[split]
+            return IndexBatches(x, y, batch_size, shuffle=shuffle, **order)
+        x, y = self.streamed[split]
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        return torch.utils.data.DataLoader(
+            StreamedSplit(x, y, self._tensors, self.norm_stats),
+            sampler=BatchOrder(len(x), batch_size, shuffle, **order),
+            batch_size=None,  # each index the sampler yields is a whole batch's indices
+            num_workers=self.num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=self.num_workers > 0,
         )
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        """Batches are drawn from tensors already on the device (see setup): nothing to move, and no walk
-        through a group of them per training_step call (dlrun/training/grouping.py)."""
+        """In memory, batches are drawn from tensors already on the device (see setup): nothing to move, and no
+        walk through a group of them per training_step call (dlrun/training/grouping.py). Streamed batches
+        come from the host and move as Lightning moves any batch."""
+        if self.streamed:
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
         return batch
 
-    def train_dataloader(self) -> IndexBatches:
+    def train_dataloader(self) -> IndexBatches | torch.utils.data.DataLoader:
         return self._batches("train", shuffle=True)
 
-    def val_dataloader(self) -> IndexBatches:
+    def val_dataloader(self) -> IndexBatches | torch.utils.data.DataLoader:
         return self._batches("val", shuffle=False)
 
-    def test_dataloader(self) -> IndexBatches:
+    def test_dataloader(self) -> IndexBatches | torch.utils.data.DataLoader:
         return self._batches("test", shuffle=False)
+
+    def eval_loader(self, split: str) -> IndexBatches | torch.utils.data.DataLoader:
+        """`split` in batches of EVAL_BATCH_SIZE, for a Trainer this data module is not attached to (dlrun-eval)."""
+        return self._batches(split, shuffle=False, batch_size=EVAL_BATCH_SIZE)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device`: the GPU's free memory, or the host's available RAM (/proc/meminfo)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _size(n: float) -> str:
+    """Bytes for a person: 512 B, 3.2 MB, 1.5 GB."""
+    unit = "B"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            break
+        n /= 1024
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
 
 
 def _can_stratify(labels: np.ndarray, fraction: float) -> bool:

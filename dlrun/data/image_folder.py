@@ -106,8 +106,8 @@ class ImageFolder(InMemoryDataModule):
         for split in dict.fromkeys(s for _, s, _ in files):
             rows = [i for i, (f, s, _) in enumerate(files) if s == split and f not in broken]
             labels = np.array([files[i][2] for i in rows], dtype=np.int64)
-            whole = len(rows) == len(images)  # the memory map itself: the split copies only what it takes
-            parts[split] = (images if whole else images[rows], labels)
+            contiguous = rows and rows[-1] - rows[0] + 1 == len(rows)  # a slice of the memory map copies nothing
+            parts[split] = (images[rows[0] : rows[-1] + 1] if contiguous else images[rows], labels)
         x, y = parts.get("train", parts.get(""))
         x_val, y_val = parts.get("val", (None, None))
         x_test, y_test = parts.get("test", (None, None))

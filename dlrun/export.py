@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import sys
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +24,8 @@ from typing import Any
 
 from dlrun import __version__
 from dlrun.config import validate
-from dlrun.console import console, print_user_error
+from dlrun.console import console
+from dlrun.error_boundary import boundary
 from dlrun.errors import UserError
 from dlrun.rundir import check_checkpoint_file, write_atomic
 
@@ -163,11 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="default: best")
     parser.add_argument("--output", metavar="FILE", help="default: <run dir>/model.onnx or model.pt")
     args = parser.parse_args(argv)
-    try:
+    with boundary():
         sidecar = export(args.target, args.format, args.checkpoint, args.output)
-    except UserError as err:
-        print_user_error(err)
-        sys.exit(2)
     written = Path(sidecar["run_dir"]) / sidecar["file"] if not args.output else Path(args.output)
     check = sidecar["verified"]
     console.print(f"[bold]exported[/bold] model={sidecar['model']} (epoch {sidecar['epoch']}) to {written}")

@@ -13,7 +13,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -156,17 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, as for dlrun (e.g. logger=wandb)")
     parser.add_argument("--json", action="store_true", help="print the same as one JSON object")
     args = parser.parse_args(argv)
-    try:
-        info = collect(args.overrides)
-    except Exception as err:  # a bad override: the same panel as dlrun's
-        from dlrun.console import print_user_error
-        from dlrun.error_boundary import as_user_error
+    from dlrun.error_boundary import boundary  # a bad override: the same panel as dlrun's
 
-        user_error = as_user_error(err)
-        if user_error is None:
-            raise
-        print_user_error(user_error)
-        sys.exit(2)
+    with boundary():
+        info = collect(args.overrides)
     if args.json:
         print(json.dumps(info, indent=2))
     else:

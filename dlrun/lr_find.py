@@ -28,14 +28,14 @@ import io
 import json
 import logging
 import math
-import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from dlrun import CONF_DIR
-from dlrun.console import console, print_user_error
+from dlrun.console import console
+from dlrun.error_boundary import boundary
 from dlrun.errors import UserError
 from dlrun.rundir import write_atomic
 
@@ -208,11 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-lr", type=float, default=1e-6, help="first rate, default 1e-6")
     parser.add_argument("--max-lr", type=float, default=1.0, help="last rate, default 1")
     args = parser.parse_args(argv)
-    try:
+    with boundary():
         result = lr_find(args.overrides, args.steps, args.min_lr, args.max_lr)
-    except UserError as err:
-        print_user_error(err)
-        sys.exit(2)
     console.print(f"range test: {result['steps_taken']} steps, rates {args.min_lr:g} to {result['last_lr']:.3g} · "
                   f"lowest loss at {result['min_loss_lr']:.3g} · {result['dir']}/lr_find.png", soft_wrap=True)
     console.print(f"[bold]suggested[/bold] (steepest descent): [bold green]optim.lr={result['suggested_lr']:.2g}[/bold green]",

@@ -83,3 +83,35 @@ def dlrun_image() -> str:
     if reason:
         pytest.skip(reason)
     return image.build()
+
+
+@pytest.fixture
+def datamodule(compose_cfg):
+    """Build a data set exactly as `dlrun dataset=NAME OVERRIDES...` does (validated config, then instantiate)."""
+    from hydra.utils import instantiate
+
+    from dlrun.config import find_problems
+
+    def build(name: str, *overrides: str, seed: int = 0):
+        cfg = compose_cfg(f"dataset={name}", f"seed={seed}", *overrides)
+        assert find_problems(cfg) == []
+        return instantiate(cfg.dataset, seed=cfg.seed, name=name)
+
+    return build
+
+
+def reads_progress_bar():
+    """A callback that keeps (completed, total) of the progress bar's training task at every epoch's end."""
+    import pytorch_lightning as pl
+
+    class ReadsProgressBar(pl.Callback):
+        def __init__(self):
+            self.seen: list[tuple[float, float | None]] = []
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            bar = trainer.progress_bar_callback
+            task = next(t for t in bar.progress.tasks if t.id == bar.train_progress_bar_id)
+            self.seen.append((task.completed, task.total))
+
+    return ReadsProgressBar()
+

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from dlrun.config import find_problems
-from dlrun.data.datamodule import IndexBatches, InMemoryDataModule
+from dlrun.data.datamodule import IndexBatches
 from dlrun.data.spec import DataSpec
 from dlrun.errors import DataError
 from dlrun.models.base import build_network
@@ -73,18 +73,6 @@ def dlrun_main(tmp_path, monkeypatch):
         return json.loads(newest.read_text())
 
     return run
-
-
-@pytest.fixture
-def datamodule(compose_cfg):
-    """Build a data set exactly as `dlrun dataset=NAME OVERRIDES...` does (validated config, then instantiate)."""
-
-    def build(name: str, *overrides: str, seed: int = 0) -> InMemoryDataModule:
-        cfg = compose_cfg(f"dataset={name}", f"seed={seed}", *overrides)
-        assert find_problems(cfg) == []
-        return instantiate(cfg.dataset, seed=cfg.seed, name=name)
-
-    return build
 
 
 def _rows(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> list[bytes]:

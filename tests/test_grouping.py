@@ -21,6 +21,7 @@ from dlrun.errors import UserError
 from dlrun.run import build_experiment, build_trainer
 from dlrun.rundir import RunDir
 from dlrun.training.grouping import GroupedBatches, GroupedExecution, restart_epoch_progress
+from tests.conftest import reads_progress_bar
 
 SMALL = ["dataset.n_train=120", "model.width=16", "model.depth=1", "optim=sgd", "optim.lr=0.1",
          "callbacks=no_early_stopping", "callbacks.progress_bar=false", "callbacks.model_summary=false"]
@@ -117,22 +118,12 @@ def test_accumulated_micro_batches_step_like_one_large_batch(compose_cfg, tmp_pa
         float(large_trainer.callback_metrics["train/loss"]), rel=1e-5)
 
 
-class ReadsProgressBar(pl.Callback):
-    def __init__(self):
-        self.seen: list[tuple[float, float | None]] = []
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        bar = trainer.progress_bar_callback
-        task = next(t for t in bar.progress.tasks if t.id == bar.train_progress_bar_id)
-        self.seen.append((task.completed, task.total))
-
-
 def test_steps_schedules_loggers_and_progress_count_optimizer_steps(compose_cfg, tmp_path):
     """120 samples in batches of 16 (8 a epoch, the last of 8 samples), accumulated 3 by 3: windows of 3, 3, 2."""
     cfg = compose_cfg(*SMALL, "dataset.batch_size=16", "trainer.max_epochs=2", "trainer.accumulate_grad_batches=3",
                       "scheduler=step", "scheduler.interval=step", "scheduler.step_size=1", "scheduler.gamma=0.5",
                       "callbacks.progress_bar=true", "logger=[csv,tensorboard]")
-    reader = ReadsProgressBar()
+    reader = reads_progress_bar()
     trainer, module = _fit(cfg, reader, run_dir=RunDir(tmp_path))
     assert trainer.global_step == 2 * 3
     assert module.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**6)

@@ -29,6 +29,7 @@ from dlrun.run import build_experiment, build_trainer
 from dlrun.rundir import RunDir, RunInterrupted, load_checkpoint
 from dlrun.training.callbacks import Diverged, DivergenceGuard
 from dlrun.training.grouping import GroupedExecution
+from tests.conftest import reads_progress_bar
 
 DLRUN = [sys.executable, "-m", "dlrun.cli"]
 DLRUN_EVAL = [sys.executable, "-m", "dlrun.evaluate"]
@@ -174,22 +175,10 @@ def test_direct_steps_train_exactly_like_lightnings_dispatch(resume_cfg, uninter
     _assert_same_run(dispatched, uninterrupted)
 
 
-class ReadsProgressBar(pl.Callback):
-    """(completed, total) of the progress bar's training task at every epoch's end."""
-
-    def __init__(self):
-        self.seen: list[tuple[float, float | None]] = []
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        bar = trainer.progress_bar_callback
-        task = next(t for t in bar.progress.tasks if t.id == bar.train_progress_bar_id)
-        self.seen.append((task.completed, task.total))
-
-
 def test_progress_bar_counts_steps_whatever_the_grouping(resume_cfg, tmp_path):
     cfg = OmegaConf.merge(resume_cfg, {"trainer": {"steps_per_execution": 3, "max_epochs": 2},
                                        "callbacks": {"progress_bar": True}})
-    reader = ReadsProgressBar()
+    reader = reads_progress_bar()
     _fit(cfg, RunDir(tmp_path), stop=reader)
     assert reader.seen == [(4, 4), (4, 4)]  # 4 batches an epoch, in groups of 3 and 1
 

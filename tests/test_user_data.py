@@ -9,26 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from dlrun.config import find_problems
-from dlrun.data.datamodule import InMemoryDataModule
 from dlrun.errors import DataError
 from dlrun.evaluate import evaluate
 from dlrun.run import build_experiment
-
-
-@pytest.fixture
-def datamodule(compose_cfg):
-    """A data set built exactly as `dlrun dataset=NAME OVERRIDES...` builds it."""
-
-    def build(name: str, *overrides: str, seed: int = 0) -> InMemoryDataModule:
-        cfg = compose_cfg(f"dataset={name}", f"seed={seed}", *overrides)
-        assert find_problems(cfg) == []
-        return instantiate(cfg.dataset, seed=cfg.seed, name=name)
-
-    return build
 
 
 def write_table(path: Path, n: int = 600, seed: int = 0) -> pd.DataFrame:

@@ -246,14 +246,20 @@ def check_output_root_writable(args: list[str]) -> None:
     mounted /outputs that belongs to another uid; Hydra would end in a PermissionError traceback."""
     given = [arg.split("=", 1)[1] for arg in args if arg.startswith("paths.output_dir=")]
     root = Path(given[-1] if given else os.environ.get("DLRUN_OUTPUT_DIR", "outputs")).absolute()
+    setting = ("paths.output_dir" if given else "$DLRUN_OUTPUT_DIR" if "DLRUN_OUTPUT_DIR" in os.environ
+               else "the default, ./outputs")
+    hint = "Point DLRUN_OUTPUT_DIR (or paths.output_dir=<dir>) at a directory this user can write."
     existing = next(p for p in (root, *root.parents) if p.exists())  # what mkdir -p would write into
+    if not existing.is_dir():
+        raise UserError(f"Cannot write the output directory {root} ({setting}): {existing} is not a directory.",
+                        hint, title="Output directory not writable")
     if os.access(existing, os.W_OK | os.X_OK):
         return
     stat = existing.stat()
+    owner = (f"belongs to uid {stat.st_uid} (mode {stat.st_mode & 0o777:o}) and dlrun runs as uid {os.getuid()}"
+             if stat.st_uid != os.getuid() else "is not writable (a read-only file system, or its mode)")
     raise UserError(
-        f"Cannot write the output directory {root}: {existing} belongs to uid {stat.st_uid} (mode "
-        f"{stat.st_mode & 0o777:o}) and dlrun runs as uid {os.getuid()}.",
-        "Make it writable for this user (chown/chmod), or choose another one with paths.output_dir=<dir>. "
-        "In Docker, run as its owner: docker run --user \"$(id -u):$(id -g)\" -v \"$PWD/outputs:/outputs\" ...",
+        f"Cannot write the output directory {root} ({setting}): {existing} {owner}.",
+        hint + " In Docker, run as its owner: docker run --user \"$(id -u):$(id -g)\" -v \"$PWD/outputs:/outputs\" ...",
         title="Output directory not writable",
     )

@@ -72,6 +72,7 @@ def draw(columns: Mapping[str, list[float]], summary: Mapping[str, Any], max_epo
     """The PNG's bytes: loss, main score and learning rate against the epoch, best and stop marked.
     A run that logged no epoch (diverged at its first steps, or without logger=csv) gets a panel saying so."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = columns.get("epoch") or []
     score = main_score(columns)
@@ -100,6 +101,7 @@ def draw(columns: Mapping[str, list[float]], summary: Mapping[str, Any], max_epo
             ax.text(0.5, 0.5, "no epoch logged\n(metrics.csv is empty or absent)", ha="center", va="center",
                     transform=ax.transAxes)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -121,6 +123,7 @@ def write_sweep_curves(sweep_dir: str | Path, jobs: list[Mapping[str, Any]], mon
     complete dashed. `jobs` are dlrun.sweep.summary's rows (job, dir, status, best_value, overrides); None
     when no job logged an epoch."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     sweep_dir = Path(sweep_dir)
     metric = monitor if monitor and monitor.startswith("val/") else "val/loss"
@@ -141,6 +144,7 @@ def write_sweep_curves(sweep_dir: str | Path, jobs: list[Mapping[str, Any]], mon
         ax.plot(epochs, values, label=label, linewidth=2.4 if job is best else 1.0,
                 linestyle="-" if job.get("status") == "completed" else "--", alpha=1.0 if job is best else 0.75)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     if len(curves) <= _LEGEND_JOBS:

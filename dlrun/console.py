@@ -65,7 +65,7 @@ def print_run_summary(summary: RunSummary) -> None:
     if show_last:
         table.add_column(f"last epoch ({last['epoch']})", justify="right")
     for name, value in metrics.items():
-        table.add_row(name, format_value(value), *([_show(last_metrics.get(name))] if show_last else []))
+        table.add_row(name, format_value(value), *([show_value(last_metrics.get(name))] if show_last else []))
     console.print(table)
     console.print(
         f"best [bold]{summary.monitor}[/bold] = {format_value(summary.best_value)} at epoch {summary.best_epoch}"
@@ -75,7 +75,8 @@ def print_run_summary(summary: RunSummary) -> None:
     console.print(f"run directory: [link]{summary.run_dir}[/link]")
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """A table cell: empty for a value not recorded."""
     return "" if value is None else format_value(value)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from dlrun.console import console, format_value, print_user_error
+from dlrun.console import console, print_user_error, show_value
 from dlrun.curves import SWEEP_CURVES_FILE, write_sweep_curves
 from dlrun.error_boundary import boundary
 from dlrun.errors import UserError
@@ -226,9 +226,9 @@ def print_summary(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
         status = {"completed": "[green]completed[/green]", "failed": "[red]failed[/red]",
                   "unreadable": "[yellow]unreadable[/yellow]"}.get(r["status"], r["status"])
         table.add_row(
-            str(r["job"]), *(_show(r["params"].get(k)) for k in keys), status,
-            ("★ " if i == 0 and _finite(r["best_value"]) else "") + _show(r["best_value"]),
-            *(_show(r["test"].get(k)) for k in test_keys), _show(r["epochs"]), _show(r["seconds"]),
+            str(r["job"]), *(show_value(r["params"].get(k)) for k in keys), status,
+            ("★ " if i == 0 and _finite(r["best_value"]) else "") + show_value(r["best_value"]),
+            *(show_value(r["test"].get(k)) for k in test_keys), show_value(r["epochs"]), show_value(r["seconds"]),
         )
     console.print(table)
     groups = seed_groups(rows)
@@ -239,7 +239,7 @@ def print_summary(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
             agg.add_column(str(column), justify="left" if column in ("config", "seeds") else "right")
         for g in sorted(groups, key=lambda g: g["best_value_mean"], reverse=mode == "max"):
             agg.add_row(g["config"] or "(none)", str(g["n"]),
-                        *(f"{_show(g.get(f'{m}_mean'))} ± {_show(g.get(f'{m}_std'))}" for m in measures))
+                        *(f"{show_value(g.get(f'{m}_mean'))} ± {show_value(g.get(f'{m}_std'))}" for m in measures))
         console.print(agg)
     for r in rows:
         if r["status"] in ("failed", "unreadable"):
@@ -296,10 +296,6 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     if not kept:
         return None, None
     return statistics.fmean(kept), statistics.stdev(kept) if len(kept) > 1 else 0.0
-
-
-def _show(value: Any) -> str:
-    return "" if value is None else format_value(value)
 
 
 def _last_lines(text: str, n: int) -> str:

@@ -115,3 +115,21 @@ def reads_progress_bar():
 
     return ReadsProgressBar()
 
+
+def sigterm_after_two_epochs(command: list[str], env: dict[str, str], out: Path) -> tuple[int, str, str]:
+    """Start `command` (a dlrun run writing under `out`), send SIGTERM once metrics.csv holds two epochs (the run
+    is in its third), and return its exit code, stdout and stderr."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        rows = list(out.glob("runs/*/*/metrics.csv"))
+        if rows and len(rows[0].read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    return proc.returncode, stdout, stderr
+

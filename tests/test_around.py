@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DLRUN
+from tests.conftest import DLRUN, sigterm_after_two_epochs
 
 QUIET = ("print_config=false", "callbacks.model_summary=false", "callbacks.progress_bar=false")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -52,18 +52,9 @@ def test_curves_png_for_completed_diverged_and_interrupted_runs_and_cheap(tmp_pa
     diverged = _only_run_dir(tmp_path / "diverged")
 
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen([*DLRUN, *QUIET, "dataset.n_train=300", "callbacks=no_early_stopping",
-                             "trainer.max_epochs=200"], env=_env(out), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # two epochs logged
-        rows = list(out.glob("runs/*/*/metrics.csv"))
-        if rows and len(rows[0].read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    code, _, stderr = sigterm_after_two_epochs([*DLRUN, *QUIET, "dataset.n_train=300", "callbacks=no_early_stopping",
+                                                "trainer.max_epochs=200"], _env(out), out)
+    assert code == 128 + signal.SIGTERM, stderr
     interrupted = _only_run_dir(out)
 
     for run_dir, status in ((completed, "completed"), (diverged, "diverged"), (interrupted, "interrupted")):

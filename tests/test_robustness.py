@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from dlrun.run import build_experiment, build_trainer
 from dlrun.rundir import RunDir, RunInterrupted, load_checkpoint
 from dlrun.training.callbacks import Diverged, DivergenceGuard
 from dlrun.training.grouping import GroupedExecution
-from tests.conftest import reads_progress_bar
+from tests.conftest import reads_progress_bar, sigterm_after_two_epochs
 
 DLRUN = [sys.executable, "-m", "dlrun.cli"]
 DLRUN_EVAL = [sys.executable, "-m", "dlrun.evaluate"]
@@ -226,16 +225,8 @@ def test_sigterm_then_resume_ends_like_the_run_left_alone(tmp_path):
     assert alone.returncode == 0, alone.stderr
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(args, env=_env(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # two epochs logged: the run is in its third
-        rows = list(out.glob("runs/*/*/metrics.csv"))
-        if rows and len(rows[0].read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    code, _, stderr = sigterm_after_two_epochs(args, _env(out), out)
+    assert code == 128 + signal.SIGTERM, stderr
     run_dir = _only_run_dir(out)
     assert f"dlrun resume={run_dir}" in stderr.replace("\n", "") and "Traceback" not in stderr
     interrupted = _summary(run_dir)

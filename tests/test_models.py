@@ -263,6 +263,22 @@ def test_zero_init_leaves_hidden_units_identical():
     torch.testing.assert_close(out.weight, out.weight[:, :1].expand_as(out.weight))  # identical columns
 
 
+def test_constant_init_behaves_like_zeros(run_dlrun):
+    """004 §4.2.2: any constant initialization hinders learning like zeros. A real run with every weight 0.5:
+    training moves the weights, yet every hidden unit of a layer stays the copy of the others."""
+    result = run_dlrun("print_config=false", "callbacks.model_summary=false", "callbacks.progress_bar=false",
+                       "dataset.n_train=300", "trainer.max_epochs=3", "callbacks.early_stopping.enabled=false",
+                       "model.width=16", "model.activation=tanh", "model.init=constant", "model.init_value=0.5")
+    state = torch.load(result.run_dir / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    hidden = [state[f"network.net.{i}.weight"] for i in (1, 3)]  # Flatten, Linear, Tanh, Linear, Tanh, Linear
+    for weight in hidden:
+        assert not torch.allclose(weight, torch.full_like(weight, 0.5)), "training changed the weights"
+        torch.testing.assert_close(weight, weight[:1].expand_as(weight))  # identical rows: identical units
+    out = state["network.net.5.weight"]
+    torch.testing.assert_close(out, out[:, :1].expand_as(out))  # each output reads every unit alike
+    assert result.summary()["metrics"]["test/acc"] < 0.5  # digits has 10 classes; one feature cannot tell them
+
+
 # --- dead ReLUs (004 §4.2): val/dead_relu and test/dead_relu ------------------------------------------
 def test_dead_relu_fraction_is_the_share_of_units_no_validation_sample_activates():
     """The logged val/dead_relu equals a direct count on the validation split after training."""

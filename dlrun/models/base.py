@@ -104,7 +104,7 @@ def build_network(
 
     `overrides` are knobs set by regularizers (dropout sets `dropout`); they apply to the knobs this
     model has, and a regularizer that finds none of its knobs is refused with both names. The knobs
-    `init`, `init_std` and `init_bias` are dlrun's, not the class's: they are applied to whatever
+    `init`, `init_std`, `init_value` and `init_bias` are dlrun's, not the class's: they are applied to whatever
     network the class builds (`dlrun.models.init`), so every model, a user's own included, has them.
     """
     cls = get_class(model_cfg._target_)

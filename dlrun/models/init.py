@@ -1,9 +1,11 @@
 """Weight initialization, applied the same way to every network after it is built (notes 004 §4.2.2, 000 §6.4).
 
-Schemes (all Gaussian, mean 0, so that their variances are the ones the notes state):
+Schemes (the random ones Gaussian, mean 0, so that their variances are the ones the notes state):
 
 - ``default``: leave PyTorch's own initialization as it is.
 - ``zeros``: every weight 0: the notes' symmetry problem (hidden units stay identical).
+- ``constant``: every weight ``init_value``; any constant behaves like zeros (004 §4.2.2): every unit of a
+  layer computes the same function and gets the same gradient, so hidden units stay identical.
 - ``normal``: σ = ``init_std`` (0.01 makes signals vanish, 0.2 saturates tanh/sigmoid).
 - ``xavier``: Glorot & Bengio, σ² = 2 / (fan_in + fan_out).
 - ``lecun``: σ² = 1 / fan_in: what the notes call "Xavier" (004 §4.2.2).
@@ -23,8 +25,8 @@ import math
 import torch
 from torch import nn
 
-SCHEMES = ("default", "zeros", "normal", "xavier", "he", "lecun")
-KNOBS = ("init", "init_std", "init_bias")
+SCHEMES = ("default", "zeros", "constant", "normal", "xavier", "he", "lecun")
+KNOBS = ("init", "init_std", "init_bias", "init_value")
 
 # Layers whose weights a scheme sets: weight-bearing layers, not normalization or lookup tables.
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.RNNBase, nn.MultiheadAttention)
@@ -36,7 +38,10 @@ def fans(weight: torch.Tensor) -> tuple[int, int]:
     return weight.shape[1] * receptive, weight.shape[0] * receptive
 
 
-def _init_weight(weight: torch.Tensor, scheme: str, std: float) -> None:
+def _init_weight(weight: torch.Tensor, scheme: str, std: float, value: float) -> None:
+    if scheme == "constant":
+        weight.fill_(value)
+        return
     fan_in, fan_out = fans(weight)
     sigma = {
         "zeros": 0.0,
@@ -62,7 +67,8 @@ def _gates(module: nn.Module, name: str) -> int:
 
 @torch.no_grad()
 def initialize(
-    network: nn.Module, init: str = "default", init_std: float = 0.01, init_bias: float | None = None
+    network: nn.Module, init: str = "default", init_std: float = 0.01, init_bias: float | None = None,
+    init_value: float = 0.0,
 ) -> None:
     """Apply scheme `init` to every weight-bearing layer of `network`, in place."""
     if init not in SCHEMES:
@@ -74,6 +80,6 @@ def initialize(
             if param.dim() >= 2:
                 if init != "default":
                     for gate in param.chunk(_gates(module, name), dim=0):
-                        _init_weight(gate, init, init_std)
+                        _init_weight(gate, init, init_std, init_value)
             elif "bias" in name and (init_bias is not None or init != "default"):
                 param.fill_(0.0 if init_bias is None else init_bias)

@@ -67,9 +67,10 @@ def print_run_summary(summary: RunSummary) -> None:
     for name, value in metrics.items():
         table.add_row(name, format_value(value), *([show_value(last_metrics.get(name))] if show_last else []))
     console.print(table)
+    kept = (f"best [bold]{summary.monitor}[/bold] = {format_value(summary.best_value)} at epoch {summary.best_epoch}"
+            if summary.monitor else f"nothing monitored: kept the last epoch, {summary.best_epoch}")
     console.print(
-        f"best [bold]{summary.monitor}[/bold] = {format_value(summary.best_value)} at epoch {summary.best_epoch}"
-        f" · {summary.epochs} epochs · {summary.wall_seconds or 0:.1f} s"
+        f"{kept} · {summary.epochs} epochs · {summary.wall_seconds or 0:.1f} s"
         f" · {summary.params or 0:,} parameters"
     )
     console.print(f"run directory: [link]{summary.run_dir}[/link]")

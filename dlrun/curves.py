@@ -1,6 +1,7 @@
 """`curves.png`: a run's learning curves, the first diagnostic of training.
 
-Up to three panels against the epoch: training and validation loss, the task's main score (accuracy, R²,
+Up to three panels against the epoch: training (and, with trainer.train_eval, train_eval) and validation
+loss, the task's main score (accuracy, R²,
 bits per character or F1: the first of these that metrics.csv has), the learning rate, and, on each,
 the best epoch and the epoch where the run stopped (early stop, divergence, interruption). Drawn from
 the run directory's files alone (metrics.csv, the summary, config.yaml's max_epochs), so that any tool
@@ -76,9 +77,10 @@ def draw(columns: Mapping[str, list[float]], summary: Mapping[str, Any], max_epo
 
     epochs = columns.get("epoch") or []
     score = main_score(columns)
-    panels: list[tuple[str, list[str]]] = [("loss", ["train/loss", "val/loss"])]
+    # train_eval/* (trainer.train_eval) where logged: the training data in evaluation mode, beside val/*
+    panels: list[tuple[str, list[str]]] = [("loss", ["train/loss", "train_eval/loss", "val/loss"])]
     if score:
-        panels.append((score, [f"train/{score}", f"val/{score}"]))
+        panels.append((score, [f"train/{score}", f"train_eval/{score}", f"val/{score}"]))
     if "lr" in columns:
         panels.append(("learning rate", ["lr"]))
     fig = Figure(figsize=(4.0 * len(panels), 3.4))

@@ -16,7 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-STAGES = ("train", "val", "test")
+#: train_eval: the training data measured again in evaluation mode (dropout off, batch norm on its running
+#: statistics) after each validation, with trainer.train_eval; beside val/* it shows the generalization gap,
+#: which train/* (measured while training, in training mode) blurs
+TRAIN_EVAL = "train_eval"
+STAGES = ("train", TRAIN_EVAL, "val", "test")
 EVALUATION = ("val", "test")
 TRAINING = ("train",)
 
@@ -34,8 +38,8 @@ class Metric:
 
 _LOSS = Metric("loss", "min", STAGES)  # the data loss: no penalty, no label smoothing
 _ACC = Metric("acc", "max", STAGES)
-# validation and test only, so that a training step pays nothing for them
-_PRF = tuple(Metric(name, "max", EVALUATION) for name in ("precision", "recall", "f1"))
+# evaluation passes only, so that a training step pays nothing for them
+_PRF = tuple(Metric(name, "max", (TRAIN_EVAL, *EVALUATION)) for name in ("precision", "recall", "f1"))
 
 #: each task's metrics (keyed by Task.kind), in the order a reader looks at them
 TASK_METRICS: dict[str, tuple[Metric, ...]] = {
@@ -68,9 +72,9 @@ def stage_metrics(kind: str, stage: str, relu: bool = True) -> tuple[Metric, ...
     return tuple(m for m in declared if stage in m.stages)
 
 
-def monitorable(kind: str, relu: bool) -> set[str]:
-    """Every name a training run of this task logs: what `callbacks.monitor` may watch (not test/*)."""
-    names = {f"{stage}/{m.name}" for stage in ("train", "val") for m in stage_metrics(kind, stage, relu)}
+def monitorable(kind: str, relu: bool, stages: tuple[str, ...] = ("train", "val")) -> set[str]:
+    """Every name a training run of this task logs in `stages`: what `callbacks.monitor` may watch (not test/*)."""
+    names = {f"{stage}/{m.name}" for stage in stages for m in stage_metrics(kind, stage, relu)}
     return names | {LEARNING_RATE}
 
 

@@ -114,7 +114,12 @@ def run_experiment(cfg: DictConfig) -> float | None:
     if resume_from:
         summary.resumed = [*((previous and previous.resumed) or []), {"at": _now(), "epoch": resume_from[1]}]
 
-    trainer, tracker, interruption = build_trainer(cfg, run_dir, choices)
+    trainer, tracker, interruption = build_trainer(cfg, run_dir, choices, validation_stages=module.validation_stages)
+    if tracker.monitor is None:  # a val/* monitor and no validation: nothing to select the best epoch by
+        summary.monitor = None
+        if trainer.is_global_zero:
+            console.print(f"[yellow]no validation[/yellow] (dataset.val_fraction=0): no {cfg.callbacks.monitor} to "
+                          "stop early or pick the best epoch by; best.ckpt is the last epoch, and the test split measures it")
     # dataset.batch_size is per device; one optimizer step sees this many samples
     accumulated = cfg.trainer.get("accumulate_grad_batches", 1)  # absent from older runs' configs
     summary.global_batch_size = cfg.dataset.batch_size * trainer.world_size * accumulated
@@ -170,15 +175,20 @@ def build_trainer(
     run_dir: RunDir,
     choices: dict[str, Any],
     extra_callbacks: Sequence[pl.Callback] = (),
+    validation_stages: Sequence[str] = ("val",),
 ) -> tuple[pl.Trainer, MonitorTracker, Interruption]:
     """Lightning's Trainer from the trainer and hardware groups, with dlrun's callbacks and loggers, and
     grouped execution (steps_per_execution, accumulate_grad_batches: see training/grouping.py). The
-    benchmarks build the same trainer (plus a timer) to measure what `dlrun` runs."""
-    validating = cfg.trainer.limit_val_batches != 0
-    callbacks, tracker = build_callbacks(cfg.callbacks, run_dir, validating)
+    benchmarks build the same trainer (plus a timer) to measure what `dlrun` runs. `validation_stages` are
+    the experiment's (Experiment.validation_stages): what its validation loop logs, if it runs at all."""
+    stages = tuple(validation_stages) if cfg.trainer.limit_val_batches != 0 else ()
+    callbacks, tracker = build_callbacks(cfg.callbacks, run_dir, stages)
     interruption = Interruption()
     callbacks += [interruption, FirstStepClock(), *extra_callbacks]
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_args.pop("train_eval", None)  # dlrun's: the data module's extra validation loader (build_experiment)
+    if not stages:  # no split to validate on (dataset.val_fraction=0): Lightning never asks for a loader
+        trainer_args.update(limit_val_batches=0, num_sanity_val_steps=0)
     grouping = GroupedExecution.from_trainer_args(trainer_args)  # dlrun's keys, not Lightning's
     callbacks.append(grouping)
     if trainer_args.get("profiler"):  # debug=profile: Lightning's profiler, built from its _target_
@@ -214,6 +224,7 @@ def build_experiment(
     check_targets(cfg)
     datamodule: InMemoryDataModule = instantiate(cfg.dataset, seed=cfg.seed, name=choices.get("dataset"))
     datamodule.device = _training_device(cfg.hardware.get("accelerator", "cpu"))  # whose free memory is the budget
+    datamodule.evaluate_train = bool(cfg.trainer.get("train_eval", False))  # absent from older runs' configs
     if preprocessing is not None:
         datamodule.use_preprocessing(preprocessing)
     spec = datamodule.prepare()
@@ -228,8 +239,10 @@ def build_experiment(
     network = build_network(cfg.model, spec, choices.get("model", "?"), model_overrides)
     optimizer = optimizer_factory(cfg.optim) if train else None  # the class and its knobs; the parameters come later
     schedule = schedule_from_config(cfg.scheduler) if train else None
-    module = Experiment(network, make_task(spec, **task_overrides), optimizer, schedule, regularizers, cfg.callbacks.monitor)
-    monitor, logged = cfg.callbacks.monitor, module.metrics.monitorable()
+    module = Experiment(network, make_task(spec, **task_overrides), optimizer, schedule, regularizers,
+                        cfg.callbacks.monitor, datamodule.validation_splits())
+    # val/* is accepted without a validation split too: such a run trains unmonitored (build_trainer)
+    monitor, logged = cfg.callbacks.monitor, module.metrics.monitorable(("train", "val", *module.validation_stages))
     if monitor not in logged:
         raise UserError(
             f"callbacks.monitor = {monitor!r} is not a metric of dataset={spec.name} ({spec.task}) "

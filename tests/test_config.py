@@ -143,7 +143,9 @@ def test_seeds_stay_within_numpys_range_and_counts_within_int64():
     ]
     [problem] = problems("dataset=moons", "dataset.n_samples=99999999999999999999")
     assert "too large for the 64-bit integers" in problem
-    assert problems("dataset.val_fraction=0") == ["dataset.val_fraction = 0: expected a number in (0, 1) (dataset=digits)"]
+    assert problems("dataset.val_fraction=-0.1") == [
+        "dataset.val_fraction = -0.1: expected a number in [0, 1) (dataset=digits)"]
+    assert problems("dataset.val_fraction=0") == []  # no validation split: training on all the training data
 
 
 def test_without_hydras_choices_the_option_is_recognized_by_its_class_and_keys(compose_cfg):

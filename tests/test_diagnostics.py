@@ -5,7 +5,9 @@ and training on all the training data, without a validation split."""
 from __future__ import annotations
 
 import csv
+import math
 
+import pytest
 import torch
 
 FAST = ["print_config=false", "callbacks.model_summary=false", "callbacks.progress_bar=false"]
@@ -41,3 +43,57 @@ def test_a_diverging_run_still_draws_its_path(run_dlrun):
     assert len(rows) == summary["diverged"]["step"] + 2  # the start and every step up to the bad one
     assert abs(float(rows[-1]["net.1.weight[0, 1]"])) > 10  # w2 oscillates outwards
     assert (result.run_dir / "trajectory.png").is_file()
+
+
+# --- train_eval/*: the training data in evaluation mode ------------------------------------------------
+def test_train_eval_measures_the_training_data_as_dlrun_eval_does(run_dlrun):
+    """With heavy dropout, train/* (training mode) understate the network; train_eval/* measure the training
+    split in evaluation mode after each validation: logged every epoch, monitorable, in summary.json and the
+    final table, and equal to what `dlrun-eval --split train` measures on best.ckpt."""
+    from dlrun.evaluate import evaluate
+
+    result = run_dlrun(*FAST, "dataset.n_train=400", "trainer.max_epochs=4", "regularizer=dropout",
+                       "regularizer.dropout.p=0.6", "trainer.train_eval=true", "callbacks.monitor=train_eval/loss")
+    summary, rows = result.summary(), _rows(result.run_dir / "metrics.csv")
+    assert {"train_eval/loss", "train_eval/acc", "train_eval/f1"} <= set(rows[0])
+    assert "train_eval/dead_relu" not in rows[0] and "val/dead_relu" in rows[0]  # dead units: val and test only
+    assert summary["best_value"] == min(float(r["train_eval/loss"]) for r in rows)
+    best = rows[summary["best_epoch"]]
+    assert summary["metrics"]["train_eval/acc"] == float(best["train_eval/acc"])
+    assert float(best["train_eval/loss"]) < float(best["train/loss"])  # dropout off: the network at its best
+    assert "train_eval/acc" in result.stdout
+    evaluated = evaluate(result.run_dir, split="train")["metrics"]
+    assert evaluated["train/loss"] == pytest.approx(summary["metrics"]["train_eval/loss"], rel=1e-5)
+    assert evaluated["train/acc"] == pytest.approx(summary["metrics"]["train_eval/acc"])
+
+
+# --- dataset.val_fraction=0: retraining on all the training data (004 §5.6.2) ----------------------------
+def test_without_a_validation_split_every_non_test_sample_trains():
+    from dlrun.data.tabular import Digits
+
+    digits = Digits(val_fraction=0.0, seed=0)
+    digits.prepare()
+    n_test = digits.split_size("test")
+    assert digits.split_size("val") == 0 and digits.split_size("train") == 1797 - n_test
+    assert digits.validation_splits() == ()
+    digits.evaluate_train = True
+    assert digits.validation_splits() == ("train",)
+
+
+def test_val_fraction_zero_trains_a_fixed_number_of_epochs_and_tests_the_last(run_dlrun):
+    """The notes' second phase of early stopping: retrain on all the training data for the epochs the first
+    phase chose. No validation loop, no early stopping (the default callbacks ask for it: a note says it is
+    off), best.ckpt is the last epoch's weights, and the test split still measures it."""
+    result = run_dlrun(*FAST, "dataset.val_fraction=0", "trainer.max_epochs=3")
+    summary, rows = result.summary(), _rows(result.run_dir / "metrics.csv")
+    assert summary["status"] == "completed" and summary["epochs"] == 3 == len(rows)
+    assert "no validation" in result.stdout and "best.ckpt is the last epoch" in " ".join(result.stdout.split())
+    assert not any(name.startswith("val/") for name in rows[0]) and summary.get("monitor") is None
+    assert summary["best_epoch"] == 2 and summary["metrics"]["train/loss"] == float(rows[-1]["train/loss"])
+    assert {"test/loss", "test/acc"} <= set(summary["metrics"])
+    n_train = 1797 - math.ceil(0.15 * 1797)  # digits without its test split
+    assert summary["global_step"] == 3 * math.ceil(n_train / 64)
+    checkpoints = result.run_dir / "checkpoints"
+    best, last = (torch.load(checkpoints / f"{name}.ckpt", weights_only=True)["state_dict"] for name in ("best", "last"))
+    for key in best:
+        torch.testing.assert_close(best[key], last[key])

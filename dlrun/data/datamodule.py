@@ -247,6 +247,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         # how batches are made: {mode: "in memory" | "streamed", reason, bytes, budget}, set by prepare()
         self.data_path: dict | None = None
         self.streamed: dict[str, tuple[Rows, np.ndarray]] = {}  # the splits on the host, when streaming
+        self.evaluate_train = False  # trainer.train_eval (run.py sets it): the validation loop also measures train
 
     # --- what a subclass provides -------------------------------------------------------------
     def load(self) -> Arrays:
@@ -359,6 +360,8 @@ class InMemoryDataModule(pl.LightningDataModule):
         idx = np.arange(len(x))
 
         def cut(index: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+            if fraction == 0:  # dataset.val_fraction=0: no validation split, every sample trains
+                return index, index[:0]
             labels = y[index] if classification and _can_stratify(y[index], fraction) else None
             return train_test_split(index, test_size=fraction, random_state=self.data_seed, stratify=labels)
 
@@ -472,8 +475,14 @@ class InMemoryDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> IndexBatches | torch.utils.data.DataLoader:
         return self._batches("train", shuffle=True)
 
-    def val_dataloader(self) -> IndexBatches | torch.utils.data.DataLoader:
-        return self._batches("val", shuffle=False)
+    def validation_splits(self) -> tuple[str, ...]:
+        """The splits the validation loop measures, in order: `val`, unless dataset.val_fraction=0 left it empty,
+        and with `evaluate_train` the training split (unshuffled, in evaluation batches)."""
+        return (*(("val",) if self.split_size("val") else ()), *(("train",) if self.evaluate_train else ()))
+
+    def val_dataloader(self) -> IndexBatches | torch.utils.data.DataLoader | list:
+        loaders = [self._batches(split, shuffle=False) for split in self.validation_splits()]
+        return loaders[0] if len(loaders) == 1 else loaders  # one loader: Lightning's steps get no dataloader_idx
 
     def test_dataloader(self) -> IndexBatches | torch.utils.data.DataLoader:
         return self._batches("test", shuffle=False)

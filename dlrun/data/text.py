@@ -60,7 +60,7 @@ class Text(InMemoryDataModule):
         }
         windows = {}
         for split, region in regions.items():
-            if len(region) < self.window + 1:
+            if len(region) < self.window + 1 and not (split == "val" and n_val == 0):  # val_fraction=0: none
                 raise DataError(
                     f"dataset={self.name}: the {split} part of {self.path} has {len(region)} characters, fewer than "
                     f"dataset.window + 1 = {self.window + 1}: the file has {n} characters in all.",

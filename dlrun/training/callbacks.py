@@ -54,7 +54,7 @@ class MonitorTracker(Checkpoint):
     is plain floats, saved in checkpoints (a resumed run keeps its best epoch's metrics).
     """
 
-    def __init__(self, monitor: str, mode: str):
+    def __init__(self, monitor: str | None, mode: str):
         self.monitor = monitor
         self.mode = mode
         self.best_value: float | None = None
@@ -68,6 +68,9 @@ class MonitorTracker(Checkpoint):
             return
         logged = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.startswith("test/")}
         self.last_epoch, self.last_metrics = trainer.current_epoch, logged
+        if self.monitor is None:  # nothing monitored (no validation): the last epoch is the one kept
+            self.best_epoch, self.best_metrics = trainer.current_epoch, logged
+            return
         value = logged.get(self.monitor)
         if value is None or math.isnan(value):
             return
@@ -280,10 +283,13 @@ class StepProgressBar(RichProgressBar):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, steps_done - 1)
 
 
-def build_callbacks(cfg: DictConfig, run_dir: RunDir, validating: bool) -> tuple[list[Callback], MonitorTracker]:
-    """The callbacks group's entries, its two display switches, and the tracker that summary.json reads."""
-    tracker = MonitorTracker(cfg.monitor, cfg.mode)
-    context = {"monitor": cfg.monitor, "mode": cfg.mode, "run_dir": run_dir, "validating": validating}
+def build_callbacks(cfg: DictConfig, run_dir: RunDir, validation_stages: tuple[str, ...] = ("val",)
+                    ) -> tuple[list[Callback], MonitorTracker]:
+    """The callbacks group's entries, its two display switches, and the tracker that summary.json reads.
+    `validation_stages`: what the validation loop logs (none: it does not run)."""
+    monitor = watched_monitor(cfg.monitor, ("train", *validation_stages))
+    tracker = MonitorTracker(monitor, cfg.mode)
+    context = {"monitor": monitor, "mode": cfg.mode, "run_dir": run_dir, "validating": bool(validation_stages)}
     callbacks = [*instantiate_callbacks(cfg, context), tracker]
     if cfg.model_summary:
         callbacks.append(RichModelSummary(max_depth=1))
@@ -323,9 +329,19 @@ def instantiate_callbacks(cfg: DictConfig, context: Mapping[str, Any]) -> list[C
     return callbacks
 
 
-def early_stopping(monitor: str, mode: str, validating: bool, patience: int, min_delta: float,
-                   stopping_threshold: float | None) -> EarlyStopping:
-    """Lightning's EarlyStopping on the run's monitor; without validation it checks at training epoch ends."""
+def watched_monitor(monitor: str, stages: tuple[str, ...]) -> str | None:
+    """`monitor`, or None when no stage of the run logs it: a val/* monitor without validation
+    (dataset.val_fraction=0). Such a run trains for trainer.max_epochs, and best.ckpt is its last epoch."""
+    stage = monitor.rpartition("/")[0]
+    return None if stage and stage not in stages else monitor
+
+
+def early_stopping(monitor: str | None, mode: str, validating: bool, patience: int, min_delta: float,
+                   stopping_threshold: float | None) -> EarlyStopping | list:
+    """Lightning's EarlyStopping on the run's monitor; without validation it checks at training epoch ends.
+    Nothing (an empty list) when nothing is monitored."""
+    if monitor is None:
+        return []
     return EarlyStopping(
         monitor=monitor,
         mode=mode,
@@ -337,9 +353,10 @@ def early_stopping(monitor: str, mode: str, validating: bool, patience: int, min
     )
 
 
-def checkpoints(monitor: str, mode: str, validating: bool, run_dir: RunDir, save_last: bool) -> list[Callback]:
-    """`best.ckpt` (ModelCheckpoint's), and with `save_last` the resumable `last.ckpt` (ResumeCheckpoint's,
-    written at epoch starts, where resuming is exact, rather than after validation as ModelCheckpoint would)."""
+def checkpoints(monitor: str | None, mode: str, validating: bool, run_dir: RunDir, save_last: bool) -> list[Callback]:
+    """`best.ckpt` (ModelCheckpoint's; the last epoch's when nothing is monitored), and with `save_last` the
+    resumable `last.ckpt` (ResumeCheckpoint's, written at epoch starts, where resuming is exact, rather than
+    after validation as ModelCheckpoint would)."""
     best = ModelCheckpoint(  # the first Checkpoint in the list: trainer.checkpoint_callback, which run.py tests
         dirpath=run_dir.checkpoint_dir,
         filename="best",

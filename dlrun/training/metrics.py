@@ -37,7 +37,8 @@ class EpochMetrics:
     """The statistics of each stage's epoch so far, turned into `<stage>/<metric>` values by `compute`.
 
     Feed it with `score` (every batch), `add_penalty` and `add_gradient_norms` (training steps), `flush`
-    (at a group's end), `start_evaluation` (before a validation or test pass).
+    (at a group's end), `start_evaluation` (before a validation or test pass), `evaluating` (before an
+    evaluation batch, when one pass measures several stages: validation and train_eval).
     """
 
     def __init__(self, task: Task, network: nn.Module):
@@ -52,9 +53,9 @@ class EpochMetrics:
         self._grad_norms: list[list[torch.Tensor]] = []
         self._dead_units = DeadUnits(network)  # counts during the validation and test passes only
 
-    def monitorable(self) -> set[str]:
-        """Every name the run logs for its task and network: what callbacks.monitor may watch."""
-        return declared.monitorable(self.task.kind, relu=bool(self._dead_units.relus))
+    def monitorable(self, stages: tuple[str, ...] = ("train", "val")) -> set[str]:
+        """Every name the run logs in `stages` for its task and network: what callbacks.monitor may watch."""
+        return declared.monitorable(self.task.kind, relu=bool(self._dead_units.relus), stages=stages)
 
     # --- feeding ----------------------------------------------------------------------------------
     def score(self, output: torch.Tensor, target: torch.Tensor, stage: str) -> torch.Tensor:
@@ -82,6 +83,10 @@ class EpochMetrics:
     def start_evaluation(self) -> None:
         """Before a validation or test pass: count the ReLUs' active units (dead_relu)."""
         self._dead_units.start()
+
+    def evaluating(self, stage: str) -> None:
+        """The next evaluation batches are `stage`'s: only validation and test batches count active units."""
+        self._dead_units.counting = stage in declared.DEAD_RELU.stages
 
     def flush(self, stage: str) -> None:
         """Score the training group's batches, then add the pending tensors to the running sums: a few
@@ -188,12 +193,16 @@ class DeadUnits:
         self.relus = [m for m in network.modules() if isinstance(m, nn.ReLU)]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._active: dict[nn.Module, torch.Tensor] = {}
+        self.counting = True  # False while the pass measures the training data (train_eval)
 
     def start(self) -> None:
         self.stop()
+        self.counting = True
         self._handles = [relu.register_forward_hook(self._record) for relu in self.relus]
 
     def _record(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        if not self.counting:
+            return
         active = (output.detach() > 0).sum(0)
         self._active[module] = self._active[module] + active if module in self._active else active
 

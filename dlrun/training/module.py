@@ -29,7 +29,7 @@ import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from torch.func import functional_call
 
-from dlrun.metrics import LEARNING_RATE
+from dlrun.metrics import LEARNING_RATE, TRAIN_EVAL
 from dlrun.training.callbacks import Interruption
 from dlrun.training.grouping import GroupedExecution
 from dlrun.training.metrics import EpochMetrics
@@ -38,11 +38,17 @@ from dlrun.training.regularizers import Regularizer
 from dlrun.training.schedulers import Schedule
 from dlrun.training.tasks import Task
 
+#: the stage each split the validation loop measures logs as (the data module's `validation_splits`)
+VALIDATION_STAGES = {"val": "val", "train": TRAIN_EVAL}
+
 
 class Experiment(pl.LightningModule):
     """Trains `network` on `task`. Logs epoch metrics named `<stage>/<metric>` (train/loss, val/acc, ...):
     `self.metrics` (dlrun/training/metrics.py) keeps their sums on the device and reduces them (across DDP
     ranks too) once per epoch: no `.item()` per step, which would stall a GPU pipeline.
+
+    `validation_splits` are the data module's: the validation loop's loaders, in order (`val`, and `train`
+    with trainer.train_eval, logged as train_eval/*; none with dataset.val_fraction=0).
     """
 
     def __init__(
@@ -53,6 +59,7 @@ class Experiment(pl.LightningModule):
         schedule: Schedule | None = None,
         regularizers: Sequence[Regularizer] = (),
         monitor: str = "val/loss",
+        validation_splits: Sequence[str] = ("val",),
     ):
         super().__init__()
         self.network = network
@@ -61,6 +68,7 @@ class Experiment(pl.LightningModule):
         self.schedule = schedule
         self.regularizers = list(regularizers)
         self.monitor = monitor
+        self.validation_stages = tuple(VALIDATION_STAGES[split] for split in validation_splits)
         self.metrics = EpochMetrics(task, network)
         self._epoch_lr = float("nan")
         self._schedule: dict | None = None  # Schedule.lightning_config's: the scheduler, its interval and monitor
@@ -121,9 +129,11 @@ class Experiment(pl.LightningModule):
         single = trainer.world_size == 1
         self._interruption = next((c for c in trainer.callbacks if isinstance(c, Interruption) and single), None)
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
         x, y = batch
-        self.metrics.score(self.network(x), y, "val")
+        stage = self.validation_stages[dataloader_idx]
+        self.metrics.evaluating(stage)
+        self.metrics.score(self.network(x), y, stage)
 
     def test_step(self, batch, batch_idx):
         x, y = batch
@@ -181,7 +191,8 @@ class Experiment(pl.LightningModule):
         self.metrics.start_evaluation()
 
     def on_validation_epoch_end(self) -> None:
-        self._log_stage("val")
+        for stage in self.validation_stages:
+            self._log_stage(stage)
 
     def on_test_epoch_start(self) -> None:
         self.metrics.start_evaluation()

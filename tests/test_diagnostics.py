@@ -97,3 +97,63 @@ def test_val_fraction_zero_trains_a_fixed_number_of_epochs_and_tests_the_last(ru
     best, last = (torch.load(checkpoints / f"{name}.ckpt", weights_only=True)["state_dict"] for name in ("best", "last"))
     for key in best:
         torch.testing.assert_close(best[key], last[key])
+
+
+# --- per-layer activation statistics (004 §4.2.2, Fig. 58; §6.4.5) ---------------------------------------
+def _activations(run_dir) -> dict[int, list[dict[str, str]]]:
+    epochs: dict[int, list[dict[str, str]]] = {}
+    for row in _rows(run_dir / "activations.csv"):
+        epochs.setdefault(int(row["epoch"]), []).append(row)
+    return epochs
+
+
+def test_activation_statistics_are_the_validation_splits_layer_by_layer(run_dlrun):
+    """A deep tanh net at σ = 0.01 (Fig. 58a): before training, each layer's activations are smaller than the
+    previous one's. The last epoch's rows are a direct measurement of last.ckpt's network on the validation
+    split: mean, standard deviation and the fraction of outputs within 0.01 of ±1."""
+    from omegaconf import OmegaConf
+
+    from dlrun.run import build_experiment
+
+    result = run_dlrun(*FAST, "dataset.n_train=300", "trainer.max_epochs=2", "callbacks.activations.enabled=true",
+                       "model.depth=4", "model.width=64", "model.activation=tanh", "model.init=normal",
+                       "model.init_std=0.01")
+    run_dir, summary = result.run_dir, result.summary()
+    epochs = _activations(run_dir)
+    assert sorted(epochs) == [-1, 0, 1] and [r["layer"] for r in epochs[-1]] == ["net.2", "net.4", "net.6", "net.8"]
+    stds = [float(r["std"]) for r in epochs[-1]]
+    assert all(deeper < 0.5 * shallower for shallower, deeper in zip(stds, stds[1:], strict=False))  # vanishing
+    datamodule, _, module = build_experiment(OmegaConf.load(run_dir / "config.yaml"), summary["choices"])
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    a = datamodule.splits["val"][0]
+    measured = {}
+    with torch.no_grad():
+        for name, layer in module.network.eval().net.named_children():
+            a = layer(a)
+            if isinstance(layer, torch.nn.Tanh):
+                values = a.double()
+                measured[f"net.{name}"] = (values.mean(), values.std(unbiased=False), ((1 - values.abs()) < 0.01).double().mean())
+    for row in epochs[1]:
+        mean, std, saturated = measured[row["layer"]]
+        assert float(row["mean"]) == pytest.approx(mean.item(), abs=1e-7)
+        assert float(row["std"]) == pytest.approx(std.item(), rel=1e-5)
+        assert float(row["saturated"]) == pytest.approx(saturated.item()) and row["dead"] == ""
+    assert (run_dir / "activations.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dead_fraction_per_relu_layer_adds_up_to_val_dead_relu(run_dlrun):
+    """ReLU layers report their dead units' fraction; weighted by their widths, the layers' fractions are the
+    epoch's val/dead_relu (the same counts, not a second measurement). Without the knob: no activations.csv."""
+    result = run_dlrun(*FAST, "dataset.n_train=300", "trainer.max_epochs=2", "callbacks.activations.enabled=true",
+                       "model.width=[48,24]", "model.init_bias=-0.4")
+    run_dir = result.run_dir
+    epochs, rows = _activations(run_dir), _rows(run_dir / "metrics.csv")
+    for epoch in (0, 1):
+        dead = [float(r["dead"]) for r in epochs[epoch]]
+        assert [r["kind"] for r in epochs[epoch]] == ["relu", "relu"] and all(r["saturated"] == "" for r in epochs[epoch])
+        assert (48 * dead[0] + 24 * dead[1]) / 72 == pytest.approx(float(rows[epoch]["val/dead_relu"]))
+    assert 0 < float(rows[1]["val/dead_relu"]) < 1
+    plain = run_dlrun(*FAST, "dataset.n_train=300", "trainer.max_epochs=1")
+    [plain_dir] = [d for d in plain.run_dirs if d != run_dir]
+    assert not (plain_dir / "activations.csv").exists() and not (plain_dir / "trajectory.png").exists()

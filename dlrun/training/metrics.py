@@ -6,13 +6,15 @@ one all-reduce (across DDP ranks) and one host sync turn them into the declared 
 Summing, not averaging, makes an epoch's metric exact whatever the batch sizes and groupings, costs no
 host-device sync per step, and reduces correctly across ranks.
 
-Also here, the diagnostics' sums: gradient norms, the sparsity of penalized weights, and dead ReLUs
-(forward hooks during evaluation).
+Also here, the diagnostics' sums: gradient norms, the sparsity of penalized weights, dead ReLUs and, when
+asked (callbacks.activations), per-layer activation statistics (forward hooks during evaluation).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -51,11 +53,13 @@ class EpochMetrics:
         # The training group's steps not yet scored, and each step's per-parameter gradient norms
         self._unscored: list[Scored] = []
         self._grad_norms: list[list[torch.Tensor]] = []
-        self._dead_units = DeadUnits(network)  # counts during the validation and test passes only
+        self._probe = ActivationProbe(network)  # counts during the validation and test passes only
+        #: each evaluation stage's per-layer activation statistics of its last pass, with `track_layers`
+        self.layer_stats: dict[str, list[LayerStats]] = {}
 
     def monitorable(self, stages: tuple[str, ...] = ("train", "val")) -> set[str]:
         """Every name the run logs in `stages` for its task and network: what callbacks.monitor may watch."""
-        return declared.monitorable(self.task.kind, relu=bool(self._dead_units.relus), stages=stages)
+        return declared.monitorable(self.task.kind, relu=bool(self._probe.relus), stages=stages)
 
     # --- feeding ----------------------------------------------------------------------------------
     def score(self, output: torch.Tensor, target: torch.Tensor, stage: str) -> torch.Tensor:
@@ -82,11 +86,15 @@ class EpochMetrics:
 
     def start_evaluation(self) -> None:
         """Before a validation or test pass: count the ReLUs' active units (dead_relu)."""
-        self._dead_units.start()
+        self._probe.start()
 
     def evaluating(self, stage: str) -> None:
         """The next evaluation batches are `stage`'s: only validation and test batches count active units."""
-        self._dead_units.counting = stage in declared.DEAD_RELU.stages
+        self._probe.counting = stage in declared.DEAD_RELU.stages
+
+    def track_layers(self) -> None:
+        """From the next evaluation pass on, also measure every activation layer (`layer_stats`)."""
+        self._probe.per_layer = True
 
     def flush(self, stage: str) -> None:
         """Score the training group's batches, then add the pending tensors to the running sums: a few
@@ -108,7 +116,7 @@ class EpochMetrics:
     def compute(self, stage: str, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
         """The stage's epoch metrics, `<stage>/<name>`, and a fresh epoch. `reduce` sums a tensor across
         DDP ranks (None: one process). One reduction and one host sync, whatever the number of metrics."""
-        active = self._dead_units.stop() if stage in declared.DEAD_RELU.stages else None
+        probed = self._probe.stop() if stage in declared.DEAD_RELU.stages else None
         self.flush(stage)
         if stage == "train" and self._counts["train"]:  # some training step ran this epoch
             self._add("train", sparsity_counts(self.network))
@@ -119,19 +127,24 @@ class EpochMetrics:
             return {}
         device = next(iter(sums.values())).device if sums else _device_of(self.network)
         dtype = _sum_dtype(device)
-        # Scalar and vector sums (per-class counts, active units) in one flat tensor: one all-reduce, one sync.
+        # Scalar and vector sums (per-class counts, active units, layer sums) in one flat tensor: one
+        # all-reduce, one sync.
         parts = [
             *(sums[k].reshape(-1) for k in sorted(sums)),
             torch.tensor([float(counts[k]) for k in sorted(counts)], dtype=dtype, device=device),
         ]
-        if active is not None:
-            parts.append(active.to(device=device, dtype=dtype))
+        probe_counts = probed.flat().to(device=device, dtype=dtype) if probed is not None else None
+        if probe_counts is not None:
+            parts.append(probe_counts)
         flat = torch.cat(parts)
         flat = reduce(flat) if reduce is not None else flat
-        if active is not None:  # a unit lives if a sample on any rank made it positive
-            dead = (flat[-active.numel():] == 0).float().mean()
-            flat = torch.cat([flat[: -active.numel()], dead.to(dtype).reshape(1)])
+        if probe_counts is not None:  # per-unit counts -> dead fractions, on the device, before the one sync
+            size = probe_counts.numel()
+            flat = torch.cat([flat[:-size], probed.summarize(flat[-size:])])
         values = flat.tolist()  # the one host sync per epoch
+        if probed is not None:  # the probe's values last
+            cut = len(values) - probed.summarized_size
+            values, probe_values = values[:cut], values[cut:]
         totals, start = {}, 0
         for key in sorted(sums):  # split back: a float per scalar sum, a list per vector sum
             size = sums[key].numel()
@@ -143,8 +156,10 @@ class EpochMetrics:
             numerator, denominator = metric.ratio
             if numerator in totals:
                 computed[metric.name] = totals[numerator] / max(totals[denominator], 1.0)
-        if active is not None:
-            computed[declared.DEAD_RELU.name] = values[-1]
+        if probed is not None:
+            dead, self.layer_stats[stage] = probed.decode(probe_values)
+            if dead is not None:
+                computed[declared.DEAD_RELU.name] = dead
         kept = declared.stage_metrics(self.task.kind, stage)
         return {f"{stage}/{m.name}": computed[m.name] for m in kept if m.name in computed}
 
@@ -177,44 +192,133 @@ class EpochMetrics:
         return stats
 
 
-class DeadUnits:
-    """The fraction of dead ReLUs over an evaluation pass, a training diagnostic the notes teach (004 §4.2,
-    §6.4.5): counts active samples per unit of every `nn.ReLU` of `network` between `start` and `stop`.
+#: activation layers the per-layer statistics measure, and the bounds of the saturating ones
+ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.Sigmoid, nn.Tanh)
+BOUNDS = {nn.Tanh: (-1.0, 1.0), nn.Sigmoid: (0.0, 1.0)}
+#: an output this close to a saturating activation's bound counts as saturated (|tanh| > 0.99)
+SATURATION_MARGIN = 0.01
 
-    A unit is one element of a ReLU layer's output for one sample: a neuron of a fully connected layer, or
-    one position of one feature map in a convolutional layer. It is dead on a split when no sample of the
-    split makes it positive: it passes no gradient, so it cannot learn again (000 §6.4 on zero init).
-    Forward hooks are attached for the validation and test passes only, so training steps pay nothing.
-    ReLUs applied inside fused kernels (a `relu` RNN's nonlinearity, a transformer layer's inference
-    fast path) never call their module and are not counted; with none counted there is no metric.
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One activation layer's outputs over an evaluation pass: mean and standard deviation over every
+    sample and unit; for tanh and sigmoid the fraction of outputs within SATURATION_MARGIN of a bound; for
+    ReLU the fraction of its units no sample made positive (dead_relu's definition, layer by layer)."""
+
+    layer: str  # the module's name in the network: net.2
+    kind: str  # the activation: tanh, relu, ...
+    mean: float
+    std: float
+    saturated: float | None
+    dead: float | None
+
+
+class ActivationProbe:
+    """Forward hooks on a network's activations during evaluation passes, between `start` and `stop`.
+
+    Always, for dead_relu (004 §4.2, §6.4.5): the active samples per unit of every `nn.ReLU`. A unit is
+    one element of a ReLU layer's output for one sample: a neuron of a fully connected layer, or one
+    position of one feature map in a convolutional layer. It is dead on a split when no sample of the split
+    makes it positive: it passes no gradient, so it cannot learn again (000 §6.4 on zero init). With
+    `per_layer`, also the sums behind each activation layer's LayerStats (004 §4.2.2, Fig. 58: activations
+    vanish or saturate with depth). Hooks are attached for the validation and test passes only, so training
+    steps pay nothing. Activations applied inside fused kernels (a `relu` RNN's nonlinearity, a transformer
+    layer's inference fast path) never call their module and are not counted; with no ReLU counted there
+    is no dead_relu.
     """
 
     def __init__(self, network: nn.Module):
         self.relus = [m for m in network.modules() if isinstance(m, nn.ReLU)]
+        self.layers = {m: name for name, m in network.named_modules() if isinstance(m, ACTIVATIONS)}
+        self.per_layer = False
+        self.counting = True  # False while the pass measures the training data (train_eval)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._active: dict[nn.Module, torch.Tensor] = {}
-        self.counting = True  # False while the pass measures the training data (train_eval)
+        self._sums: dict[nn.Module, torch.Tensor] = {}
 
     def start(self) -> None:
         self.stop()
         self.counting = True
-        self._handles = [relu.register_forward_hook(self._record) for relu in self.relus]
+        watched = list(self.layers) if self.per_layer else self.relus
+        self._handles = [module.register_forward_hook(self._record) for module in watched]
 
     def _record(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
         if not self.counting:
             return
-        active = (output.detach() > 0).sum(0)
-        self._active[module] = self._active[module] + active if module in self._active else active
+        output = output.detach()
+        if isinstance(module, nn.ReLU):
+            active = (output > 0).sum(0)
+            self._active[module] = self._active[module] + active if module in self._active else active
+        if self.per_layer:
+            values = output.to(_sum_dtype(output.device))
+            low, high = BOUNDS.get(type(module), (-math.inf, math.inf))
+            saturated = ((values - low < SATURATION_MARGIN) | (high - values < SATURATION_MARGIN)).sum()
+            sums = torch.stack([values.sum(), (values * values).sum(), values.new_tensor(float(values.numel())),
+                                saturated.to(values.dtype)])
+            self._sums[module] = self._sums[module] + sums if module in self._sums else sums
 
-    def stop(self) -> torch.Tensor | None:
-        """Detach the hooks; return every counted unit's number of active samples, flat, in a fixed order
-        (so that DDP ranks can add theirs), or None when no ReLU ran."""
+    def stop(self) -> Probed | None:
+        """Detach the hooks; return what they counted, in a fixed order (so that DDP ranks can add theirs),
+        or None when nothing ran."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        active = [self._active[relu].flatten() for relu in self.relus if relu in self._active]
-        self._active = {}
-        return torch.cat(active) if active else None
+        relus = [relu for relu in self.relus if relu in self._active]
+        layers = [m for m in self.layers if m in self._sums]
+        probed = Probed(
+            active=[self._active[relu].flatten() for relu in relus],
+            relu_layers=[self.layers.get(relu, "") for relu in relus],
+            sums=[self._sums[m] for m in layers],
+            layers=[(self.layers[m], type(m).__name__.lower()) for m in layers],
+        )
+        self._active, self._sums = {}, {}
+        return probed if probed.active or probed.sums else None
+
+
+@dataclass
+class Probed:
+    """One evaluation pass's counts (ActivationProbe.stop): flattened for the epoch's one reduction, then
+    summarized on the device and decoded on the host."""
+
+    active: list[torch.Tensor]  # per counted ReLU layer: active samples per unit
+    relu_layers: list[str]  # their names
+    sums: list[torch.Tensor]  # per measured layer: sum, sum of squares, count, saturated count
+    layers: list[tuple[str, str]]  # their (name, kind)
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([*self.active, *self.sums])
+
+    @property
+    def summarized_size(self) -> int:
+        """The length of `summarize`'s result: dead_relu, each ReLU layer's dead fraction, the layer sums."""
+        return (1 + len(self.active) if self.active else 0) + 4 * len(self.sums)
+
+    def summarize(self, reduced: torch.Tensor) -> torch.Tensor:
+        """The reduced `flat()` -> dead fractions (all ReLU units, then each layer's), then the layer sums: a
+        unit lives if a sample on any rank made it positive."""
+        sizes = [a.numel() for a in self.active]
+        units, sums = reduced[: sum(sizes)], reduced[sum(sizes):]
+        if not sizes:
+            return sums
+        dead = units == 0
+        per_layer = [part.float().mean() for part in dead.split(sizes)]
+        return torch.cat([torch.stack([dead.float().mean(), *per_layer]).to(reduced.dtype), sums])
+
+    def decode(self, values: list[float]) -> tuple[float | None, list[LayerStats]]:
+        """(dead_relu or None, each measured layer's LayerStats) from `summarize`'s values on the host."""
+        dead_relu, dead_of = None, {}
+        if self.active:
+            dead_relu = values[0]
+            dead_of = dict(zip(self.relu_layers, values[1 : 1 + len(self.active)], strict=True))
+            values = values[1 + len(self.active):]
+        stats = []
+        for i, (name, kind) in enumerate(self.layers):
+            total, squares, count, saturated = values[4 * i : 4 * i + 4]
+            count = max(count, 1.0)
+            mean = total / count
+            stats.append(LayerStats(name, kind, mean, max(squares / count - mean * mean, 0.0) ** 0.5,
+                                    saturated / count if kind in ("tanh", "sigmoid") else None, dead_of.get(name)))
+        return dead_relu, stats
 
 
 def sparsity_counts(network: nn.Module) -> dict[str, torch.Tensor | int]:

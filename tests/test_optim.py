@@ -269,7 +269,7 @@ def test_early_stopping_knobs_are_overridable(compose_cfg, tmp_path):
         "callbacks.early_stopping.patience=2",
         "callbacks.early_stopping.min_delta=0.01",
     )
-    callbacks, _ = build_callbacks(cfg.callbacks, RunDir(tmp_path), validating=True)
+    callbacks, _ = build_callbacks(cfg.callbacks, RunDir(tmp_path), validation_stages=("val",))
     (es,) = [c for c in callbacks if isinstance(c, EarlyStopping)]
     assert (es.monitor, es.mode, es.patience, abs(es.min_delta)) == ("val/acc", "max", 2, 0.01)
     assert find_problems(compose_cfg("callbacks.early_stopping.patience=-1"))

@@ -116,6 +116,9 @@ def evaluate(target: str | Path, split: str = "test", which: str = "best") -> di
     cfg = run_dir.read_config(complete=True)
     validate(cfg)
     datamodule, module, checkpoint = _load(run_dir, checkpoint_path, cfg)
+    if not datamodule.split_size(split):
+        raise UserError(f"--split {split}: the run at {run_dir.path} has no {split} split (dataset.val_fraction=0).",
+                        "Evaluate --split test or --split train.")
     metrics, device = _test(module, datamodule, split, run_dir.path)
     result = {
         "run_dir": str(run_dir.path),

@@ -84,6 +84,9 @@ def test_val_fraction_zero_trains_a_fixed_number_of_epochs_and_tests_the_last(ru
     """The notes' second phase of early stopping: retrain on all the training data for the epochs the first
     phase chose. No validation loop, no early stopping (the default callbacks ask for it: a note says it is
     off), best.ckpt is the last epoch's weights, and the test split still measures it."""
+    from dlrun.errors import UserError
+    from dlrun.evaluate import evaluate
+
     result = run_dlrun(*FAST, "dataset.val_fraction=0", "trainer.max_epochs=3")
     summary, rows = result.summary(), _rows(result.run_dir / "metrics.csv")
     assert summary["status"] == "completed" and summary["epochs"] == 3 == len(rows)
@@ -97,6 +100,10 @@ def test_val_fraction_zero_trains_a_fixed_number_of_epochs_and_tests_the_last(ru
     best, last = (torch.load(checkpoints / f"{name}.ckpt", weights_only=True)["state_dict"] for name in ("best", "last"))
     for key in best:
         torch.testing.assert_close(best[key], last[key])
+    evaluated = evaluate(result.run_dir, split="test")["metrics"]  # dlrun-eval: test and train, no val
+    assert evaluated["test/acc"] == pytest.approx(summary["metrics"]["test/acc"])
+    with pytest.raises(UserError, match="no val split"):
+        evaluate(result.run_dir, split="val")
 
 
 # --- per-layer activation statistics (004 §4.2.2, Fig. 58; §6.4.5) ---------------------------------------

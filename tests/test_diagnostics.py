@@ -68,8 +68,9 @@ def test_train_eval_measures_the_training_data_as_dlrun_eval_does(run_dlrun):
 
 
 # --- dataset.val_fraction=0: retraining on all the training data (004 §5.6.2) ----------------------------
-def test_without_a_validation_split_every_non_test_sample_trains():
+def test_without_a_validation_split_every_non_test_sample_trains(tmp_path):
     from dlrun.data.tabular import Digits
+    from dlrun.data.text import Text
 
     digits = Digits(val_fraction=0.0, seed=0)
     digits.prepare()
@@ -78,6 +79,11 @@ def test_without_a_validation_split_every_non_test_sample_trains():
     assert digits.validation_splits() == ()
     digits.evaluate_train = True
     assert digits.validation_splits() == ("train",)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. " * 40, encoding="utf-8")
+    text = Text(path=str(corpus), window=16, stride=4, val_fraction=0.0, seed=0)
+    text.prepare()
+    assert text.split_size("val") == 0 and text.split_size("train") > text.split_size("test") > 0
 
 
 def test_val_fraction_zero_trains_a_fixed_number_of_epochs_and_tests_the_last(run_dlrun):

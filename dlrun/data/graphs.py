@@ -220,7 +220,7 @@ class Planetoid(GraphDataModule):
                 value = _PlanetoidUnpickler(f, encoding="latin1").load()  # written by Python 2
         except FileNotFoundError:
             raise self._missing(path) from None
-        except pickle.UnpicklingError as err:
+        except _Refused as err:
             raise DataError(f"{path} is refused: {err} (loading it could run code).",
                             "Use the published Planetoid files (github.com/kimiyoung/planetoid, data/).") from None
         except Exception as err:  # truncated, not a pickle at all
@@ -235,6 +235,10 @@ class Planetoid(GraphDataModule):
                          f"dataset.root (now {self.root}), or set dataset.root to their folder.")
 
 
+class _Refused(pickle.UnpicklingError):
+    """A name a Planetoid file never holds: loading it could run code."""
+
+
 class _SparseFields:
     """Stands in for a pickled scipy sparse matrix: unpickling only stores its fields (no scipy code runs);
     `_features` builds the matrix from them, checked."""
@@ -243,7 +247,7 @@ class _SparseFields:
 def _reconstructor(cls, base, state):
     """copyreg._reconstructor, which protocols 0 and 1 name to rebuild an object, for _SparseFields only."""
     if cls is not _SparseFields or base is not object or state is not None:
-        raise pickle.UnpicklingError("it rebuilds an object other than a sparse matrix")
+        raise _Refused("it rebuilds an object other than a sparse matrix")
     return _SparseFields()
 
 
@@ -262,7 +266,10 @@ class _PlanetoidUnpickler(_ArraysOnlyUnpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _PLANETOID_NAMES:
             return _PLANETOID_NAMES[(module, name)]
-        return super().find_class(module, name)
+        try:
+            return super().find_class(module, name)
+        except pickle.UnpicklingError as err:
+            raise _Refused(str(err)) from None
 
 
 def _features(value, part: str) -> np.ndarray:

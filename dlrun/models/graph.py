@@ -87,12 +87,11 @@ class GCN(Network):
         self.variant = variant
         features = spec.input_shape[0]
         widths = [hidden] * (layers - 1) + [spec.num_outputs]
+        pairs = zip([features, *widths[:-1]], widths, strict=True)  # (features in, features out) per layer
         if variant == "gcn":
-            self.convs = nn.ModuleList(GraphConvolution(w_in, w_out, K)
-                                       for w_in, w_out in zip([features, *widths], widths))
+            self.convs = nn.ModuleList(GraphConvolution(w_in, w_out, K) for w_in, w_out in pairs)
         else:
-            self.convs = nn.ModuleList(NN4GLayer(features, w_in, w_out)
-                                       for w_in, w_out in zip([features, *widths], widths))
+            self.convs = nn.ModuleList(NN4GLayer(features, w_in, w_out) for w_in, w_out in pairs)
         self.acts = nn.ModuleList(make_activation(activation) for _ in widths[:-1])
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 

@@ -205,3 +205,21 @@ def test_planetoid_runs_and_bad_files_exit_2(run_dlrun, tmp_path):
     missing = run_dlrun("model=gcn", "dataset=planetoid", f"dataset.root={tmp_path / 'none'}", check=False)
     assert missing.returncode == 2 and "Traceback" not in missing.stdout + missing.stderr
     assert "ind.cora.x does not exist" in missing.stdout + missing.stderr
+
+
+def test_node_metrics_count_the_splits_nodes_only():
+    """Loss, accuracy and F1 of a split are those of its nodes, as if the others were not there."""
+    from dlrun.training.metrics import EpochMetrics
+
+    g = torch.Generator().manual_seed(0)
+    output, target = torch.randn(12, 3, generator=g), torch.randint(0, 3, (12,), generator=g)
+    masked = target.clone()
+    masked[::3] = -1
+    node_task = make_task(DataSpec("g", "node_classification", (4,), 3, graph=Graph(12, np.zeros((2, 0)))))
+    plain_task = make_task(DataSpec("g", "multiclass", (4,), 3))
+    by_stage = {}
+    for task, (out, y) in ((node_task, (output, masked)), (plain_task, (output[masked >= 0], target[masked >= 0]))):
+        metrics = EpochMetrics(task, torch.nn.Identity())
+        metrics.score(out, y, "val")
+        by_stage[task.kind] = {k.split("/")[1]: v for k, v in metrics.compute("val").items()}
+    assert by_stage["node_classification"] == pytest.approx(by_stage["multiclass"])

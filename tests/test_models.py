@@ -407,7 +407,8 @@ def test_every_model_runs_end_to_end(run_dlrun):
     """
     on_adding = [m for m in MODELS if "sequence" in READS[m] and m not in FLATTENING]
     on_digits = [m for m in MODELS if "image" in READS[m]]
-    for dataset, models in (("digits", on_digits), ("adding", on_adding), ("sbm", ["gcn", "mlp"])):
+    for dataset, models in (("digits", on_digits), ("adding", on_adding), ("sbm", ["gcn", "mlp"]),
+                              ("karate", ["gcn"])):
         args = ("-m", "hydra/launcher=basic", f"model={','.join(models)}", f"dataset={dataset}", "debug=fast")
         result = run_dlrun(*args, env={"OMP_NUM_THREADS": "1"})
         summaries = [

@@ -46,11 +46,13 @@ TASK_METRICS: dict[str, tuple[Metric, ...]] = {
     "multiclass": (_LOSS, _ACC, *_PRF),  # precision, recall, F1: macro averages
     "binary": (_LOSS, _ACC, *_PRF),  # of the positive class (label 1)
     "per_step": (_LOSS, _ACC, Metric("bpc", "min", STAGES), Metric("ppl", "min", STAGES)),  # language models
+    "node_classification": (_LOSS, _ACC, *_PRF),  # on the nodes of each split of one graph
     "regression": (_LOSS, Metric("mse", "min", STAGES), Metric("mae", "min", STAGES), Metric("r2", "max", STAGES)),
 }
 
 #: each task's main score: the sweep table's headline column beside the monitored metric's test twin
-HEADLINE: dict[str, str] = {"per_step": "bpc", "multiclass": "acc", "binary": "acc", "regression": "r2"}
+HEADLINE: dict[str, str] = {"per_step": "bpc", "multiclass": "acc", "binary": "acc", "regression": "r2",
+                             "node_classification": "acc"}
 
 #: training diagnostics, kept as device sums like the task's statistics
 DIAGNOSTICS: tuple[Metric, ...] = (

@@ -8,12 +8,13 @@ import csv
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from dlrun import metrics as declared
-from dlrun.data.spec import DataSpec
+from dlrun.data.spec import DataSpec, Graph
 from dlrun.training.metrics import EpochMetrics
 from dlrun.training.tasks import make_task
 
@@ -22,6 +23,7 @@ SPECS = {
     "binary": DataSpec("toy", "binary", (4,), 1),
     "per_step": DataSpec("toy", "multiclass", (5, 4), 3, per_step=True),
     "regression": DataSpec("toy", "regression", (4,), 1),
+    "node_classification": DataSpec("toy", "node_classification", (4,), 3, graph=Graph(5, np.zeros((2, 0)))),
 }
 
 
@@ -31,6 +33,8 @@ def _batch(spec: DataSpec, n: int, g: torch.Generator) -> tuple[torch.Tensor, to
         return x, torch.randn(n, generator=g)
     if spec.task == "binary":
         return x, torch.randint(0, 2, (n,), generator=g).float()
+    if spec.task == "node_classification":  # the nodes of other splits: -1
+        return x, torch.randint(0, spec.num_outputs, (n,), generator=g).index_fill_(0, torch.tensor([1]), -1)
     return x, torch.randint(0, spec.num_outputs, (n, spec.input_shape[0]) if spec.per_step else (n,), generator=g)
 
 

@@ -24,7 +24,7 @@ from dlrun.training.module import Experiment
 from dlrun.training.tasks import make_task
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-SEQUENCE_MODELS = ["rnn", "gru", "lstm", "transformer", "tcn"]  # also language models
+SEQUENCE_MODELS = ["rnn", "gru", "lstm", "transformer", "tcn", "esn"]  # also language models
 FLATTENING = ["logreg", "linear", "mlp"]
 # What each model reads; everything else must be refused with the model, data set and shape named.
 READS = {
@@ -33,6 +33,7 @@ READS = {
     "lenet5": {"image"},
     "vgg": {"image"},
     "resnet": {"image"},
+    "gcn": set(),  # the nodes of a graph only: tests/test_graphs.py
 }
 SPECS = {
     "image": DataSpec("digits", "multiclass", (1, 8, 8), 10),
@@ -215,7 +216,7 @@ def train(network: torch.nn.Module, datamodule, epochs: int, lr: float) -> tuple
     return before, loss()
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [m for m in MODELS if "image" in READS[m]])
 def test_every_model_learns_digits(name):
     """Eight epochs on 256 digits (sequence models read them row by row) cut the training loss by 70%."""
     pl.seed_everything(0, verbose=False)
@@ -415,12 +416,15 @@ def test_plain_resnet_has_the_same_layers_without_skips():
 # --- end to end ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_every_model_runs_end_to_end(run_dlrun):
-    """`dlrun model=X debug=fast` for every model on digits, and the sequence readers on the adding task.
+    """`dlrun model=X debug=fast` for every model on digits, the sequence readers on the adding task, and the
+    graph models on sbm.
 
     One multirun per data set with Hydra's in-process launcher, so torch and Lightning load once.
     """
     on_adding = [m for m in MODELS if "sequence" in READS[m] and m not in FLATTENING]
-    for dataset, models in (("digits", MODELS), ("adding", on_adding)):
+    on_digits = [m for m in MODELS if "image" in READS[m]]
+    for dataset, models in (("digits", on_digits), ("adding", on_adding), ("sbm", ["gcn", "mlp"]),
+                              ("karate", ["gcn"])):
         args = ("-m", "hydra/launcher=basic", f"model={','.join(models)}", f"dataset={dataset}", "debug=fast")
         result = run_dlrun(*args, env={"OMP_NUM_THREADS": "1"})
         summaries = [

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-TASKS = ("multiclass", "binary", "regression")
+TASKS = ("multiclass", "binary", "regression")  # what a table's labels can be (dataset.task)
+GRAPH_TASKS = ("node_classification",)  # one graph, its nodes the samples
+
+
+@dataclass(frozen=True)
+class Graph:
+    """The one graph of a node-classification data set: `edges` is a (2, E) integer array of node pairs,
+    each undirected edge listed in both directions. The model makes its shift operator S from it."""
+
+    num_nodes: int
+    edges: Any  # numpy (2, E) int64; no numpy import here, so that the CLI reads specs without it
 
 
 @dataclass(frozen=True)
@@ -13,7 +24,9 @@ class DataSpec:
 
     `input_shape` is (C, H, W) for images, (T, F) for sequences and (F,) for flat vectors; `kind`
     names which. `per_step` marks targets at every time step (language models: many-to-many).
-    `vocab_size` is set when the inputs are token indices rather than numbers.
+    `vocab_size` is set when the inputs are token indices rather than numbers. `graph` is set for
+    node classification: a sample is a node, its input the node's features (F,), and every batch is the
+    whole graph (dlrun/data/graphs.py).
     """
 
     name: str
@@ -23,10 +36,13 @@ class DataSpec:
     class_names: tuple[str, ...] = ()
     per_step: bool = False
     vocab_size: int | None = None
+    graph: Graph | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, not {self.task!r}")
+        if self.task not in TASKS + GRAPH_TASKS:
+            raise ValueError(f"task must be one of {TASKS + GRAPH_TASKS}, not {self.task!r}")
+        if (self.graph is None) != (self.task not in GRAPH_TASKS):
+            raise ValueError(f"a {self.task} spec {'needs' if self.graph is None else 'takes no'} graph")
         if len(self.input_shape) not in (1, 2, 3):
             raise ValueError(f"input_shape must be (F,), (T, F) or (C, H, W), not {self.input_shape}")
 
@@ -43,4 +59,8 @@ class DataSpec:
 
     def describe(self) -> str:
         shape = "×".join(str(d) for d in self.input_shape)
+        if self.graph is not None:
+            edges = self.graph.edges.shape[1] // 2
+            return (f"{self.name} (graph of {self.graph.num_nodes} nodes, {edges} edges, node features {shape}, "
+                    f"{self.task}, {self.num_outputs} outputs)")
         return f"{self.name} ({self.kind} {shape}, {self.task}, {self.num_outputs} outputs)"

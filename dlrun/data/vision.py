@@ -157,7 +157,7 @@ _PICKLE_ALLOWED = {
 class _ArraysOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in _PICKLE_ALLOWED:
-            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch never holds")
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which this file format never holds")
         return super().find_class(module, name)
 
 

@@ -94,6 +94,27 @@ class PerStep(Multiclass):
         return out
 
 
+class NodeClassification(Multiclass):
+    """Multiclass on the nodes of one graph. Every batch is the whole graph (the network needs all the
+    nodes to convolve over them); the target of a node outside the batch's split is -1, and only the
+    split's nodes are scored and trained on."""
+
+    kind = "node_classification"
+
+    def loss(self, output, target, smooth=False):
+        labelled = target >= 0
+        return super().loss(output[labelled], target[labelled], smooth)
+
+    def stats(self, output, target, loss_sum):
+        labelled = target >= 0  # loss_sum is the mean loss times every node: recomputed over the split's
+        output, target = output[labelled], target[labelled]
+        return super().stats(output, target, F.cross_entropy(output, target, reduction="sum"))
+
+    def eval_stats(self, output, target):
+        labelled = target >= 0
+        return super().eval_stats(output[labelled], target[labelled])
+
+
 class Binary(Task):
     """Sigmoid + binary cross-entropy on logits; accuracy at threshold 0.5; on validation and test, the
     precision, recall and F1 of the positive class (label 1)."""
@@ -175,6 +196,8 @@ def make_task(spec: DataSpec, label_smoothing: float = 0.0) -> Task:
         _check_label_smoothing(spec, label_smoothing)
     if spec.task == "multiclass":
         return (PerStep if spec.per_step else Multiclass)(label_smoothing)
+    if spec.task == "node_classification":
+        return NodeClassification(label_smoothing)
     if spec.task == "binary":
         return Binary(label_smoothing)
     return Regression()

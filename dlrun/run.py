@@ -6,6 +6,7 @@ that owns it. It is imported only after the config has been validated, since it 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -29,11 +30,11 @@ from dlrun import IMPORTED_AT, __version__
 from dlrun.console import console, print_config_tree, print_run_summary
 from dlrun.curves import write_curves
 from dlrun.data.datamodule import InMemoryDataModule
-from dlrun.data.spec import DataSpec
+from dlrun.data.spec import INPUT_TASKS, DataSpec
 from dlrun.distributed import children_join_this_run, is_rank_zero, keep_log_to_rank_zero
 from dlrun.errors import UserError
 from dlrun.metrics import monitor_example, summary_metrics
-from dlrun.models.base import build_network, require_knobs
+from dlrun.models.base import build_network, model_task, require_knobs
 from dlrun.run_summary import RunSummary
 from dlrun.rundir import RunDir, RunInterrupted, load_checkpoint
 from dlrun.tracking import build_loggers, finalize_loggers
@@ -216,7 +217,11 @@ def build_experiment(
     datamodule.device = _training_device(cfg.hardware.get("accelerator", "cpu"))  # whose free memory is the budget
     if preprocessing is not None:
         datamodule.use_preprocessing(preprocessing)
+    task = model_task(cfg.model)  # an autoencoder, a VAE: the inputs alone, scaled to [0, 1]; labels ignored
+    datamodule.unit_inputs = task in INPUT_TASKS
     spec = datamodule.prepare()
+    if task is not None:
+        spec = dataclasses.replace(spec, task=task)
     regularizers: list[Regularizer] = [instantiate(r) for r in cfg.regularizer.values() if r is not None]
     model_overrides: dict[str, Any] = {}
     task_overrides: dict[str, Any] = {}  # the loss's knobs, e.g. label_smoothing

@@ -35,6 +35,7 @@ from dlrun.distributed import children_join_this_run, is_rank_zero, keep_log_to_
 from dlrun.errors import UserError
 from dlrun.metrics import monitor_example, summary_metrics
 from dlrun.models.base import build_network, model_task, require_knobs
+from dlrun.pictures import pictures_for
 from dlrun.run_summary import RunSummary
 from dlrun.rundir import RunDir, RunInterrupted, load_checkpoint
 from dlrun.tracking import build_loggers, finalize_loggers
@@ -115,7 +116,8 @@ def run_experiment(cfg: DictConfig) -> float | None:
     if resume_from:
         summary.resumed = [*((previous and previous.resumed) or []), {"at": _now(), "epoch": resume_from[1]}]
 
-    trainer, tracker, interruption = build_trainer(cfg, run_dir, choices)
+    pictures = pictures_for(module.network, spec, run_dir.path, cfg.seed)  # samples.png, ...: models that draw
+    trainer, tracker, interruption = build_trainer(cfg, run_dir, choices, pictures)
     # dataset.batch_size is per device; one optimizer step sees this many samples
     accumulated = cfg.trainer.get("accumulate_grad_batches", 1)  # absent from older runs' configs
     summary.global_batch_size = cfg.dataset.batch_size * trainer.world_size * accumulated

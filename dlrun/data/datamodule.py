@@ -475,6 +475,12 @@ class InMemoryDataModule(pl.LightningDataModule):
         x, y = self.streamed[split]
         return StreamedSplit(x, y, self._tensors, self.norm_stats)[torch.arange(min(n, len(x)))][0]
 
+    def labels(self, split: str, n: int) -> torch.Tensor:
+        """The targets of `inputs(split, n)`, on the host."""
+        if not self.streamed:
+            return self.splits[split][1][:n].cpu()
+        return torch.as_tensor(self.streamed[split][1][:n])
+
     def _batches(self, split: str, shuffle: bool, batch_size: int | None = None) -> IndexBatches | torch.utils.data.DataLoader:
         """A split's batches on its path; `batch_size` None: dataset.batch_size to train, at least EVAL_BATCH_SIZE
         to evaluate."""

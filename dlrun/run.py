@@ -38,6 +38,7 @@ from dlrun.models.base import build_network, model_task, require_knobs
 from dlrun.pictures import pictures_for
 from dlrun.run_summary import RunSummary
 from dlrun.rundir import RunDir, RunInterrupted, load_checkpoint
+from dlrun.sample_quality import sample_quality
 from dlrun.tracking import build_loggers, finalize_loggers
 from dlrun.training.callbacks import Diverged, FirstStepClock, Interruption, MonitorTracker, build_callbacks
 from dlrun.training.grouping import GroupedExecution
@@ -141,6 +142,9 @@ def run_experiment(cfg: DictConfig) -> float | None:
             if interruption.signum is not None:  # arrived while testing: the run is complete but unrecorded
                 raise RunInterrupted(interruption.signum)
         summary.status = "completed"
+        if trainer.is_global_zero:  # the tested model's samples (generative models on data with classes)
+            summary.sample_quality = sample_quality(module.network, datamodule, spec, cfg.dataset, cfg.paths.data_dir,
+                                                    cfg.seed)
     except Diverged as err:
         # a result: the summary says where; the sweeper gets the worst value and goes on
         summary.status, summary.diverged = "diverged", err.as_dict()

@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -141,7 +142,7 @@ def test_unit_inputs_scale_digits_by_their_range_and_other_data_by_the_training_
 def test_linear_autoencoder_reaches_the_reconstruction_error_of_pca(run_dlrun, datamodule):
     d = 4
     result = run_dlrun(*QUIET, "model=autoencoder", "model.width=0", f"model.latent_dim={d}", "model.recon_loss=mse",
-                       "optim.lr=0.01", "dataset.batch_size=32", "trainer.max_epochs=60", "callbacks=no_early_stopping")
+                       "optim.lr=0.02", "trainer.max_epochs=30", "callbacks=no_early_stopping")
     # PCA with d components, fitted on the same training split scaled the same way, scored on the test split
     data = datamodule("digits")
     data.unit_inputs = True
@@ -180,6 +181,10 @@ def test_vae_elbo_improves_its_kl_is_positive_and_samples_differ(run_dlrun):
     samples = model.eval().sample(16, generator=torch.Generator().manual_seed(0)).flatten(1)
     distances = torch.cdist(samples, samples)
     assert distances[~torch.eye(16, dtype=torch.bool)].min() > 1e-3
+    # dlrun-eval rebuilds the run (the VAE sets its task again) and scores it
+    evaluated = subprocess.run([sys.executable, "-m", "dlrun.evaluate", str(result.run_dir)], capture_output=True,
+                               text=True, timeout=600, cwd=result.output_dir.parent)
+    assert evaluated.returncode == 0 and "bpd" in evaluated.stdout, evaluated.stdout + evaluated.stderr
 
 
 @pytest.mark.slow

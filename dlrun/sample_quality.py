@@ -130,21 +130,26 @@ def train_classifier(classifier: Classifier, datamodule: InMemoryDataModule) -> 
     n = min(datamodule.split_size("train"), CLASSIFIER["max_train"])
     x, y = datamodule.inputs("train", n).float().flatten(1), datamodule.labels("train", n).long().reshape(-1)
     model, size = classifier.model, CLASSIFIER["batch_size"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                layer.reset_parameters()
-        optimizer = torch.optim.Adam(model.parameters(), lr=CLASSIFIER["lr"])
-        model.train()
-        for _ in range(CLASSIFIER["steps"]):
-            index = torch.randint(len(x), (size,))
-            noise = torch.rand(size, x.shape[1])
-            loss = F.cross_entropy(model(x[index]), y[index])
-            loss = loss - CLASSIFIER["noise_weight"] * F.log_softmax(model(noise), dim=1).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny network: one thread beats several that spin-wait on busy cores
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            for layer in model:
+                if isinstance(layer, nn.Linear):
+                    layer.reset_parameters()
+            optimizer = torch.optim.Adam(model.parameters(), lr=CLASSIFIER["lr"])
+            model.train()
+            for _ in range(CLASSIFIER["steps"]):
+                index = torch.randint(len(x), (size,))
+                noise = torch.rand(size, x.shape[1])
+                loss = F.cross_entropy(model(x[index]), y[index])
+                loss = loss - CLASSIFIER["noise_weight"] * F.log_softmax(model(noise), dim=1).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     x_test = datamodule.inputs("test", datamodule.split_size("test")).float().flatten(1)
     y_test = datamodule.labels("test", len(x_test)).long().reshape(-1)

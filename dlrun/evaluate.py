@@ -34,6 +34,7 @@ from rich.table import Table
 from dlrun import __version__
 from dlrun.config import validate
 from dlrun.console import console, format_value
+from dlrun.data.spec import INPUT_TASKS
 from dlrun.error_boundary import boundary
 from dlrun.errors import UserError
 from dlrun.rundir import RunDir, check_checkpoint_file, load_checkpoint, write_atomic
@@ -195,6 +196,10 @@ def evaluate_ensemble(targets: list[str | Path], split: str = "test", which: str
 
     loaded = [_load(run_dir, path, cfg) for (run_dir, path), cfg in zip(members, configs, strict=True)]
     datamodule, reference, _ = loaded[0]
+    if reference.task.kind in INPUT_TASKS:  # an average of reconstructions is not a model's likelihood
+        raise UserError(f"the members trained models of the inputs alone ({reference.task.kind}), which dlrun-eval "
+                        "does not average.", "Evaluate each run on its own: dlrun-eval <run dir>.",
+                        title="Not supported")
     rows = []
     for (run_dir, path), (member_data, module, checkpoint) in zip(members, loaded, strict=True):
         metrics, _ = _test(module, member_data, split, run_dir.path)

@@ -40,6 +40,7 @@ _LOSS = Metric("loss", "min", STAGES)  # the data loss: no penalty, no label smo
 _ACC = Metric("acc", "max", STAGES)
 # evaluation passes only, so that a training step pays nothing for them
 _PRF = tuple(Metric(name, "max", (TRAIN_EVAL, *EVALUATION)) for name in ("precision", "recall", "f1"))
+_RECON = Metric("recon", "min", STAGES)  # the input tasks' reconstruction term
 
 #: each task's metrics (keyed by Task.kind), in the order a reader looks at them
 TASK_METRICS: dict[str, tuple[Metric, ...]] = {
@@ -48,11 +49,15 @@ TASK_METRICS: dict[str, tuple[Metric, ...]] = {
     "per_step": (_LOSS, _ACC, Metric("bpc", "min", STAGES), Metric("ppl", "min", STAGES)),  # language models
     "node_classification": (_LOSS, _ACC, *_PRF),  # on the nodes of each split of one graph
     "regression": (_LOSS, Metric("mse", "min", STAGES), Metric("mae", "min", STAGES), Metric("r2", "max", STAGES)),
+    "reconstruction": (_LOSS, _RECON),  # per input element: the loss is the reconstruction error
+    # per sample, in nats: loss = recon + kl, the negative ELBO; bpd = loss / (input elements x ln 2)
+    "generative": (_LOSS, _RECON, Metric("kl", "min", STAGES), Metric("bpd", "min", STAGES)),
 }
 
 #: each task's main score: the sweep table's headline column beside the monitored metric's test twin
 HEADLINE: dict[str, str] = {"per_step": "bpc", "multiclass": "acc", "binary": "acc", "regression": "r2",
-                             "node_classification": "acc"}
+                             "node_classification": "acc",
+                             "generative": "bpd", "reconstruction": "recon"}  # bpd first: a VAE logs recon too
 
 #: training diagnostics, kept as device sums like the task's statistics
 DIAGNOSTICS: tuple[Metric, ...] = (

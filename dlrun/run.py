@@ -6,6 +6,7 @@ that owns it. It is imported only after the config has been validated, since it 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -29,13 +30,15 @@ from dlrun import IMPORTED_AT, __version__
 from dlrun.console import console, print_config_tree, print_run_summary
 from dlrun.curves import write_curves
 from dlrun.data.datamodule import InMemoryDataModule
-from dlrun.data.spec import DataSpec
+from dlrun.data.spec import INPUT_TASKS, DataSpec
 from dlrun.distributed import children_join_this_run, is_rank_zero, keep_log_to_rank_zero
 from dlrun.errors import UserError
 from dlrun.metrics import monitor_example, summary_metrics
-from dlrun.models.base import build_network, require_knobs
+from dlrun.models.base import build_network, model_task, require_knobs
+from dlrun.pictures import pictures_for
 from dlrun.run_summary import RunSummary
 from dlrun.rundir import RunDir, RunInterrupted, load_checkpoint
+from dlrun.sample_quality import sample_quality
 from dlrun.tracking import build_loggers, finalize_loggers
 from dlrun.training.callbacks import Diverged, FirstStepClock, Interruption, MonitorTracker, build_callbacks
 from dlrun.training.grouping import GroupedExecution
@@ -114,7 +117,9 @@ def run_experiment(cfg: DictConfig) -> float | None:
     if resume_from:
         summary.resumed = [*((previous and previous.resumed) or []), {"at": _now(), "epoch": resume_from[1]}]
 
-    trainer, tracker, interruption = build_trainer(cfg, run_dir, choices, validation_stages=module.validation_stages)
+    pictures = pictures_for(module.network, spec, run_dir.path, cfg.seed)  # samples.png, ...: models that draw
+    trainer, tracker, interruption = build_trainer(cfg, run_dir, choices, pictures,
+                                                   validation_stages=module.validation_stages)
     if tracker.monitor is None:  # a val/* monitor and no validation: nothing to select the best epoch by
         summary.monitor = None
         if trainer.is_global_zero:
@@ -143,6 +148,9 @@ def run_experiment(cfg: DictConfig) -> float | None:
             if interruption.signum is not None:  # arrived while testing: the run is complete but unrecorded
                 raise RunInterrupted(interruption.signum)
         summary.status = "completed"
+        if trainer.is_global_zero:  # the tested model's samples (generative models on data with classes)
+            summary.sample_quality = sample_quality(module.network, datamodule, spec, cfg.dataset, cfg.paths.data_dir,
+                                                    cfg.seed)
     except Diverged as err:
         # a result: the summary says where; the sweeper gets the worst value and goes on
         summary.status, summary.diverged = "diverged", err.as_dict()
@@ -227,7 +235,11 @@ def build_experiment(
     datamodule.evaluate_train = bool(cfg.trainer.get("train_eval", False))  # absent from older runs' configs
     if preprocessing is not None:
         datamodule.use_preprocessing(preprocessing)
+    task = model_task(cfg.model)  # an autoencoder, a VAE: the inputs alone, scaled to [0, 1]; labels ignored
+    datamodule.unit_inputs = task in INPUT_TASKS
     spec = datamodule.prepare()
+    if task is not None:
+        spec = dataclasses.replace(spec, task=task)
     regularizers: list[Regularizer] = [instantiate(r) for r in cfg.regularizer.values() if r is not None]
     model_overrides: dict[str, Any] = {}
     task_overrides: dict[str, Any] = {}  # the loss's knobs, e.g. label_smoothing

@@ -58,6 +58,7 @@ class RunSummary:
     # (in dlrun.metrics' order); the last epoch's number and metrics apart
     metrics: dict[str, float] = field(default_factory=dict)
     last_epoch: dict[str, Any] | None = None  # {epoch, metrics}
+    sample_quality: dict[str, Any] | None = None  # a generative model's samples, judged (dlrun/sample_quality.py)
     wall_seconds: float | None = None
     finished_at: str | None = None
     checkpoints: dict[str, str] | None = None  # best, last -> path

@@ -24,11 +24,26 @@ SPECS = {
     "per_step": DataSpec("toy", "multiclass", (5, 4), 3, per_step=True),
     "regression": DataSpec("toy", "regression", (4,), 1),
     "node_classification": DataSpec("toy", "node_classification", (4,), 3, graph=Graph(5, np.zeros((2, 0)))),
+    "reconstruction": DataSpec("toy", "reconstruction", (4,), 1),
+    "generative": DataSpec("toy", "generative", (4,), 1),
 }
+
+
+def _network(spec: DataSpec) -> nn.Module:
+    """A network with ReLUs that returns the task's output: logits, values, or an input task's Reconstructed."""
+    from dlrun.models.autoencoder import VAE, Autoencoder
+
+    if spec.task == "reconstruction":
+        return Autoencoder(spec, latent_dim=2, width=8)
+    if spec.task == "generative":
+        return VAE(spec, latent_dim=2, width=8)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, spec.num_outputs))
 
 
 def _batch(spec: DataSpec, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(n, *spec.input_shape, generator=g)
+    if spec.task in ("reconstruction", "generative"):  # inputs in [0, 1], scored against themselves
+        return x.sigmoid(), torch.zeros(n, dtype=torch.long)
     if spec.task == "regression":
         return x, torch.randn(n, generator=g)
     if spec.task == "binary":
@@ -45,7 +60,7 @@ def test_every_declared_metric_is_computed_and_nothing_else(kind):
     spec = SPECS[kind]
     task = make_task(spec)
     assert task.kind == kind
-    network = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, spec.num_outputs))
+    network = _network(spec)
     metrics = EpochMetrics(task, network)
     g = torch.Generator().manual_seed(0)
     for stage in declared.STAGES:
@@ -53,7 +68,7 @@ def test_every_declared_metric_is_computed_and_nothing_else(kind):
             metrics.start_evaluation()
         for n in (5, 3):
             x, y = _batch(spec, n, g)
-            loss = metrics.score(network(x), y, stage)
+            loss = metrics.score(network(x), task.target(x, y), stage)
             if stage == "train":
                 metrics.add_penalty(loss.detach() * 0.1)
                 loss.backward()
@@ -80,6 +95,9 @@ def test_sweep_headline_columns_follow_the_declaration():
     assert headline_test_keys([row("test/loss", "test/acc", "test/f1")], "val/loss") == ["test/loss", "test/acc"]
     assert headline_test_keys([row("test/loss", "test/acc", "test/bpc")], "val/acc") == ["test/acc", "test/bpc"]
     assert headline_test_keys([row("test/loss", "test/mae", "test/r2")], "val/mae") == ["test/mae", "test/r2"]
+    assert headline_test_keys([row("test/loss", "test/recon", "test/kl", "test/bpd")], "val/loss") == [
+        "test/loss", "test/bpd"]
+    assert headline_test_keys([row("test/loss", "test/recon")], "val/loss") == ["test/loss", "test/recon"]
 
 
 FAST = ["print_config=false", "callbacks.model_summary=false", "callbacks.progress_bar=false",

@@ -206,6 +206,9 @@ class InMemoryDataModule(pl.LightningDataModule):
     task: ClassVar[str] = "multiclass"
     integer_inputs: ClassVar[bool] = False  # token indices: kept as integers, never normalized
     pixel_inputs: ClassVar[bool] = False  # uint8 pixels: scaled to [0, 1] split by split
+    #: the range the inputs can take (digits: 0 to 16), which unit_inputs maps to [0, 1]; None: pixels are
+    #: [0, 1] already, other inputs are scaled with the training split's range, per feature (per channel)
+    value_range: ClassVar[tuple[float, float] | None] = None
 
     def __init__(
         self,
@@ -248,6 +251,10 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.data_path: dict | None = None
         self.streamed: dict[str, tuple[Rows, np.ndarray]] = {}  # the splits on the host, when streaming
         self.evaluate_train = False  # trainer.train_eval (run.py sets it): the validation loop also measures train
+        # the input tasks' scaling (run.py sets it before prepare() for a model that sets its task, an
+        # autoencoder's or a VAE's): inputs in [0, 1], the scale of their Bernoulli likelihood and of the
+        # pictures, instead of standardized; dataset.normalize does not apply
+        self.unit_inputs = False
 
     # --- what a subclass provides -------------------------------------------------------------
     def load(self) -> Arrays:
@@ -287,21 +294,22 @@ class InMemoryDataModule(pl.LightningDataModule):
             fitted = {"train": train, **{k: self.transform(x.whole(), y) for k, (x, y) in host.items()}}
             host = {k: (Rows(x), np.asarray(y)) for k, (x, y) in fitted.items()}
         self.data_path = self._choose_path(host)
-        normalize = self.normalize and not self.integer_inputs
+        fit_scaling = self._scaling()
         if self.data_path["mode"] == "streamed":
             x_train, y_train = host["train"]
-            if normalize:
-                self.norm_stats = self._fit_normalization(
+            if fit_scaling:
+                self.norm_stats = fit_scaling(
                     len(x_train), lambda a, b: self._tensors(x_train.take(slice(a, b)), y_train[a:b])[0])
             self.streamed = host
             self.spec = self.make_spec(torch.empty((0, *x_train.sample_shape)), arrays)
             return self.spec
         parts = {k: self._tensors(x.whole(), y) for k, (x, y) in host.items()}
-        if normalize:
+        if fit_scaling:
             x_train = parts["train"][0]
-            mean, std = self._fit_normalization(len(x_train), lambda a, b: x_train[a:b])
+            self.norm_stats = fit_scaling(len(x_train), lambda a, b: x_train[a:b])
+        if self.norm_stats is not None:
+            mean, std = self.norm_stats
             parts = {k: ((x - mean) / std, y) for k, (x, y) in parts.items()}
-            self.norm_stats = (mean, std)
         self.splits = parts
         self.spec = self.make_spec(parts["train"][0], arrays)
         return self.spec
@@ -396,6 +404,37 @@ class InMemoryDataModule(pl.LightningDataModule):
             x_t.div_(255.0)
         return x_t, y_t
 
+    def _scaling(self) -> Callable | None:
+        """What fits `norm_stats` (an offset and a scale, x -> (x - offset) / scale) on the training split: the
+        range to [0, 1] (unit_inputs), the standardization (dataset.normalize), or nothing (token indices)."""
+        if self.integer_inputs:
+            return None
+        if self.unit_inputs:
+            return self._fit_unit_range
+        return self._fit_normalization if self.normalize else None
+
+    def _fit_unit_range(
+        self, n: int, rows: Callable[[int, int], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(low, high - low) mapping the inputs to [0, 1]: the data set's `value_range`, else (pixels excepted,
+        already there) the training split's minimum and maximum per channel (images) or per feature."""
+        if self.value_range is not None:
+            low, high = self.value_range
+            return torch.tensor(low, dtype=torch.float32), torch.tensor(high - low, dtype=torch.float32)
+        if self.pixel_inputs:
+            return None
+        first = rows(0, 1)
+        dims = (0, 2, 3) if first.dim() == 4 else tuple(range(first.dim() - 1))
+        step = max(1, STATS_CHUNK_ELEMENTS // max(1, first[0].numel()))
+        low, high = None, None
+        for start in range(0, n, step):
+            chunk = rows(start, min(n, start + step))
+            chunk_low, chunk_high = chunk.amin(dim=dims, keepdim=True), chunk.amax(dim=dims, keepdim=True)
+            low = chunk_low if low is None else torch.minimum(low, chunk_low)
+            high = chunk_high if high is None else torch.maximum(high, chunk_high)
+        spread = high - low
+        return low, torch.where(spread > 1e-8, spread, torch.ones_like(spread))
+
     @staticmethod
     def _fit_normalization(n: int, rows: Callable[[int, int], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std per channel (images) or per feature (sequences, flat), from training data only.
@@ -438,6 +477,12 @@ class InMemoryDataModule(pl.LightningDataModule):
             return self.splits[split][0][:n].cpu()
         x, y = self.streamed[split]
         return StreamedSplit(x, y, self._tensors, self.norm_stats)[torch.arange(min(n, len(x)))][0]
+
+    def labels(self, split: str, n: int) -> torch.Tensor:
+        """The targets of `inputs(split, n)`, on the host."""
+        if not self.streamed:
+            return self.splits[split][1][:n].cpu()
+        return torch.as_tensor(self.streamed[split][1][:n])
 
     def _batches(self, split: str, shuffle: bool, batch_size: int | None = None) -> IndexBatches | torch.utils.data.DataLoader:
         """A split's batches on its path; `batch_size` None: dataset.batch_size to train, at least EVAL_BATCH_SIZE

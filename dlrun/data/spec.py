@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-TASKS = ("multiclass", "binary", "regression")  # what a table's labels can be (dataset.task)
+TASKS = ("multiclass", "binary", "regression")  # what a data set's labels pose (dataset.task)
 GRAPH_TASKS = ("node_classification",)  # one graph, its nodes the samples
 
 
@@ -16,6 +16,9 @@ class Graph:
 
     num_nodes: int
     edges: Any  # numpy (2, E) int64; no numpy import here, so that the CLI reads specs without it
+#: tasks that a model sets (dlrun/models/base.py: model_task), which learn from the inputs alone: the data set's
+#: labels are ignored, and its inputs are scaled to [0, 1] instead of standardized (the datamodule's unit_inputs)
+INPUT_TASKS = ("reconstruction", "generative")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,9 @@ class DataSpec:
     `vocab_size` is set when the inputs are token indices rather than numbers. `graph` is set for
     node classification: a sample is a node, its input the node's features (F,), and every batch is the
     whole graph (dlrun/data/graphs.py).
+    A model of INPUT_TASKS
+    (autoencoder, vae) replaces `task` and keeps `class_names`, which colour its latent space and train the
+    sample-quality classifier.
     """
 
     name: str
@@ -39,8 +45,8 @@ class DataSpec:
     graph: Graph | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS + GRAPH_TASKS:
-            raise ValueError(f"task must be one of {TASKS + GRAPH_TASKS}, not {self.task!r}")
+        if self.task not in TASKS + GRAPH_TASKS + INPUT_TASKS:
+            raise ValueError(f"task must be one of {TASKS + GRAPH_TASKS + INPUT_TASKS}, not {self.task!r}")
         if (self.graph is None) != (self.task not in GRAPH_TASKS):
             raise ValueError(f"a {self.task} spec {'needs' if self.graph is None else 'takes no'} graph")
         if len(self.input_shape) not in (1, 2, 3):
@@ -63,4 +69,6 @@ class DataSpec:
             edges = self.graph.edges.shape[1] // 2
             return (f"{self.name} (graph of {self.graph.num_nodes} nodes, {edges} edges, node features {shape}, "
                     f"{self.task}, {self.num_outputs} outputs)")
+        if self.task in INPUT_TASKS:  # the output is the input's shape
+            return f"{self.name} ({self.kind} {shape}, {self.task})"
         return f"{self.name} ({self.kind} {shape}, {self.task}, {self.num_outputs} outputs)"

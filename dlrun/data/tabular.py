@@ -16,6 +16,7 @@ class Digits(InMemoryDataModule):
     """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), as images of shape (1, 8, 8)."""
 
     task = "multiclass"
+    value_range = (0.0, 16.0)  # pixel intensities 0..16
 
     def load(self) -> Arrays:
         bunch = skdatasets.load_digits()

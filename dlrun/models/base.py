@@ -26,6 +26,8 @@ class Network(nn.Module):
     accepts: ClassVar[frozenset[str]] = frozenset({"image", "sequence", "flat"})
     # Per-step (language-model) targets need a model that returns one output per step: (N, T, outputs).
     per_step_capable: ClassVar[bool] = False
+    # A model of the inputs alone names its task (one of spec.INPUT_TASKS: autoencoder, vae); None: the data set's.
+    task: ClassVar[str | None] = None
 
     def __init__(self, spec: DataSpec):
         super().__init__()
@@ -95,6 +97,11 @@ def sequence_shape(spec: DataSpec) -> tuple[int, int]:
     if len(shape) == 1:
         return shape[0], 1
     return shape[0], shape[1]
+
+
+def model_task(model_cfg: DictConfig) -> str | None:
+    """The task the configured model sets (Network.task), or None: the data set's labels set it."""
+    return getattr(get_class(model_cfg._target_), "task", None)
 
 
 def build_network(

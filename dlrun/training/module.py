@@ -9,7 +9,8 @@ hook runs for every selected regularizer, in list order (see regularizers.py):
 
     transform_batch         augmentation, input noise (training batches only)
     forward                 with weight_perturbation (weight noise) when a regularizer asks for one
-    loss                    data loss (label-smoothed when selected) + every penalty
+    loss                    the task's objective (the data loss, label-smoothed when selected; an input task's
+                            model adds its own penalty) + every regularizer's penalty
     backward                Lightning's manual_backward (loss scaling under mixed precision, DDP hooks),
                             or directly (grouping.py); gradients add up over an accumulation window
 and at the window's end (every batch unless gradients are accumulated):
@@ -110,11 +111,10 @@ class Experiment(pl.LightningModule):
         statistics are recorded."""
         for reg in self.regularizers:
             x, y = reg.transform_batch(x, y)
+        target = self.task.target(x, y)
         output = self._training_forward(x)
-        loss = self.metrics.score(output, y, "train")
-        objective = loss
-        if self.task.label_smoothing:  # the objective uses the soft targets; the logged loss does not
-            objective = self.task.loss(output, y, smooth=True)
+        loss = self.metrics.score(output, target, "train")
+        objective = self.task.objective(output, target, loss)  # label smoothing, a model's own penalty
         penalty = self._penalty()
         if penalty is not None:
             self.metrics.add_penalty(penalty)
@@ -133,11 +133,11 @@ class Experiment(pl.LightningModule):
         x, y = batch
         stage = self.validation_stages[dataloader_idx]
         self.metrics.evaluating(stage)
-        self.metrics.score(self.network(x), y, stage)
+        self.metrics.score(self.network(x), self.task.target(x, y), stage)
 
     def test_step(self, batch, batch_idx):
         x, y = batch
-        self.metrics.score(self.network(x), y, "test")
+        self.metrics.score(self.network(x), self.task.target(x, y), "test")
 
     def _training_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The network's output, at parameters perturbed for this pass when a regularizer asks (weight noise).

@@ -6,12 +6,13 @@ are accumulated and reduced once per epoch by dlrun/training/metrics.py.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dlrun.data.spec import DataSpec
+from dlrun.data.spec import INPUT_TASKS, DataSpec
 from dlrun.errors import UserError
 
 
@@ -26,9 +27,18 @@ class Task:
     def __init__(self, label_smoothing: float = 0.0):
         self.label_smoothing = label_smoothing
 
+    def target(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """What the network's output is scored against: the labels (the input tasks: the inputs)."""
+        return y
+
     def loss(self, output: torch.Tensor, target: torch.Tensor, smooth: bool = False) -> torch.Tensor:
         """The batch's mean loss; against the smoothed targets when `smooth` (the training objective)."""
         raise NotImplementedError
+
+    def objective(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """What a training step minimizes, before the regularizers' penalties; `loss` is the batch's logged
+        data loss. Label smoothing changes the targets here, never in the logged loss."""
+        return self.loss(output, target, smooth=True) if self.label_smoothing else loss
 
     def stats(self, output: torch.Tensor, target: torch.Tensor, loss_sum: torch.Tensor) -> dict[str, torch.Tensor | int]:
         """Sums over the batch (or several batches, concatenated), as device tensors; counts known on the host
@@ -169,6 +179,94 @@ class Regression(Task):
         return {"loss": mse, "mse": mse, "mae": sums["sae"] / count, "r2": r2}
 
 
+@dataclass
+class Reconstructed:
+    """What a model of an input task returns (dlrun/models/autoencoder.py), for Reconstruction and Generative.
+
+    `x_hat` has the input's shape: the logits of Bernoulli means when `likelihood` is "bernoulli"
+    (recon_loss=bce), the means of a unit-variance Gaussian when "gaussian" (recon_loss=mse). `kl` is each
+    sample's KL(q(z|x) || p(z)) (a VAE's). `penalty` is the model's own term of the training objective beyond
+    the data loss, already weighted (a sparse or contractive autoencoder's; a beta-VAE's (beta - 1) KL).
+    """
+
+    x_hat: torch.Tensor
+    likelihood: str
+    kl: torch.Tensor | None = None
+    penalty: torch.Tensor | None = None
+
+    def detach(self) -> Reconstructed:
+        """For the epoch's statistics (EpochMetrics keeps outputs detached); they need no penalty."""
+        return Reconstructed(self.x_hat.detach(), self.likelihood, None if self.kl is None else self.kl.detach())
+
+
+class InputTask(Task):
+    """A task of the inputs alone: the output is scored against the batch's inputs, and the model's own penalty
+    joins the objective. Outputs are Reconstructed records, so a group of steps is scored step by step."""
+
+    scores_groups = False
+
+    def target(self, x, y):
+        return x
+
+    def objective(self, output, target, loss):
+        return loss if output.penalty is None else loss + output.penalty
+
+
+class Reconstruction(InputTask):
+    """An autoencoder's reconstruction error, per input element: the squared error (recon_loss=mse) or the
+    binary cross-entropy (bce) of inputs scaled to [0, 1]."""
+
+    kind = "reconstruction"
+
+    def loss(self, output, target, smooth=False):
+        return _element_errors(output, target).mean()
+
+    def stats(self, output, target, loss_sum):
+        return {"recon": _element_errors(output, target).sum(), "count": target.numel()}
+
+    def metrics(self, sums):
+        recon = sums["recon"] / max(sums["count"], 1.0)
+        return {"loss": recon, "recon": recon}
+
+
+class Generative(InputTask):
+    """A VAE's negative ELBO per sample, in nats: the reconstruction term -log p(x|z) summed over the input's
+    elements plus KL(q(z|x) || p(z)) (000 §14.3); also bits per input dimension, the negative ELBO / (D ln 2).
+
+    The logged loss is the bound itself (beta = 1): runs of different beta compare on it; beta reaches the
+    objective through the model's penalty, (beta - 1) KL."""
+
+    kind = "generative"
+
+    def loss(self, output, target, smooth=False):
+        return (_negative_log_likelihood(output, target).flatten(1).sum(1) + output.kl).mean()
+
+    def stats(self, output, target, loss_sum):
+        return {"recon": _negative_log_likelihood(output, target).sum(), "kl": output.kl.sum(),
+                "samples": len(target), "dims": target.numel()}
+
+    def metrics(self, sums):
+        samples = max(sums["samples"], 1.0)
+        recon, kl = sums["recon"] / samples, sums["kl"] / samples
+        dims = max(sums["dims"], 1.0) / samples
+        return {"loss": recon + kl, "recon": recon, "kl": kl, "bpd": (recon + kl) / (dims * math.log(2))}
+
+
+def _element_errors(output: Reconstructed, target: torch.Tensor) -> torch.Tensor:
+    """Each element's reconstruction error: squared, or the cross-entropy against a target clamped to [0, 1]
+    (inputs are scaled to [0, 1] with the training split's range: a validation input may lie a little outside)."""
+    if output.likelihood == "bernoulli":
+        return F.binary_cross_entropy_with_logits(output.x_hat, target.clamp(0, 1), reduction="none")
+    return (output.x_hat - target) ** 2
+
+
+def _negative_log_likelihood(output: Reconstructed, target: torch.Tensor) -> torch.Tensor:
+    """-log p(x|z) of each element: Bernoulli, or a Gaussian of unit variance, 1/2 (x - x_hat)^2 + 1/2 log 2 pi."""
+    if output.likelihood == "bernoulli":
+        return _element_errors(output, target)
+    return 0.5 * _element_errors(output, target) + 0.5 * math.log(2 * math.pi)
+
+
 def _classification_metrics(sums: dict[str, float | list[float]]) -> dict[str, float]:
     """Loss and accuracy; with `eval_stats`' sums, precision, recall and F1 too: of the one class when the
     counts are scalars (binary), else their macro average (the mean of the per-class F1s, not the F1 of
@@ -200,13 +298,17 @@ def make_task(spec: DataSpec, label_smoothing: float = 0.0) -> Task:
         return NodeClassification(label_smoothing)
     if spec.task == "binary":
         return Binary(label_smoothing)
+    if spec.task == "reconstruction":
+        return Reconstruction()
+    if spec.task == "generative":
+        return Generative()
     return Regression()
 
 
 def _check_label_smoothing(spec: DataSpec, epsilon: float) -> None:
-    if spec.task == "regression":
+    if spec.task == "regression" or spec.task in INPUT_TASKS:
         raise UserError(
-            f"regularizer=label_smoothing softens class targets, and dataset={spec.name} is a regression task.",
+            f"regularizer=label_smoothing softens class targets, and dataset={spec.name} is a {spec.task} task.",
             "Drop label_smoothing for regression; input_noise or weight_noise regularize it.",
             title="Incompatible regularizer and data set",
         )

@@ -29,10 +29,8 @@ class DataSpec:
     names which. `per_step` marks targets at every time step (language models: many-to-many).
     `vocab_size` is set when the inputs are token indices rather than numbers. `graph` is set for
     node classification: a sample is a node, its input the node's features (F,), and every batch is the
-    whole graph (dlrun/data/graphs.py).
-    A model of INPUT_TASKS
-    (autoencoder, vae) replaces `task` and keeps `class_names`, which colour its latent space and train the
-    sample-quality classifier.
+    whole graph (dlrun/data/graphs.py). A model of INPUT_TASKS (autoencoder, vae) replaces `task` and keeps
+    `class_names`, which colour its latent space and train the sample-quality classifier.
     """
 
     name: str

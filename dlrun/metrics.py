@@ -43,10 +43,16 @@ TASK_METRICS: dict[str, tuple[Metric, ...]] = {
     "binary": (_LOSS, _ACC, *_PRF),  # of the positive class (label 1)
     "per_step": (_LOSS, _ACC, Metric("bpc", "min", STAGES), Metric("ppl", "min", STAGES)),  # language models
     "regression": (_LOSS, Metric("mse", "min", STAGES), Metric("mae", "min", STAGES), Metric("r2", "max", STAGES)),
+    # model=gan: loss is the generator's; the discriminator's loss, mean D(x) on real data and D(G(z)) on samples
+    "adversarial": (_LOSS, Metric("d_loss", "min", STAGES), Metric("d_real", "max", STAGES),
+                    Metric("d_fake", "max", STAGES)),
+    # model=rbm: loss is the reconstruction error; the log pseudo-likelihood per sample
+    "boltzmann": (_LOSS, Metric("pseudo_ll", "max", STAGES)),
 }
 
 #: each task's main score: the sweep table's headline column beside the monitored metric's test twin
-HEADLINE: dict[str, str] = {"per_step": "bpc", "multiclass": "acc", "binary": "acc", "regression": "r2"}
+HEADLINE: dict[str, str] = {"per_step": "bpc", "multiclass": "acc", "binary": "acc", "regression": "r2",
+                            "adversarial": "d_fake", "boltzmann": "pseudo_ll"}
 
 #: training diagnostics, kept as device sums like the task's statistics
 DIAGNOSTICS: tuple[Metric, ...] = (

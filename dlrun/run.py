@@ -19,7 +19,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_object, instantiate
+from hydra.utils import get_class, get_object, instantiate
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import RichProgressBar
@@ -38,6 +38,7 @@ from dlrun.run_summary import RunSummary
 from dlrun.rundir import RunDir, RunInterrupted, load_checkpoint
 from dlrun.tracking import build_loggers, finalize_loggers
 from dlrun.training.callbacks import Diverged, FirstStepClock, Interruption, MonitorTracker, build_callbacks
+from dlrun.training.generative import experiment_class
 from dlrun.training.grouping import GroupedExecution
 from dlrun.training.module import Experiment
 from dlrun.training.optimizers import optimizer_factory
@@ -214,6 +215,7 @@ def build_experiment(
     check_targets(cfg)
     datamodule: InMemoryDataModule = instantiate(cfg.dataset, seed=cfg.seed, name=choices.get("dataset"))
     datamodule.device = _training_device(cfg.hardware.get("accelerator", "cpu"))  # whose free memory is the budget
+    datamodule.unit_range = getattr(get_class(cfg.model._target_), "unit_inputs", False)  # generative models
     if preprocessing is not None:
         datamodule.use_preprocessing(preprocessing)
     spec = datamodule.prepare()
@@ -228,7 +230,8 @@ def build_experiment(
     network = build_network(cfg.model, spec, choices.get("model", "?"), model_overrides)
     optimizer = optimizer_factory(cfg.optim) if train else None  # the class and its knobs; the parameters come later
     schedule = schedule_from_config(cfg.scheduler) if train else None
-    module = Experiment(network, make_task(spec, **task_overrides), optimizer, schedule, regularizers, cfg.callbacks.monitor)
+    task = make_task(spec, **task_overrides, network=network)
+    module = experiment_class(task)(network, task, optimizer, schedule, regularizers, cfg.callbacks.monitor)
     monitor, logged = cfg.callbacks.monitor, module.metrics.monitorable()
     if monitor not in logged:
         raise UserError(

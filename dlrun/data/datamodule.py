@@ -15,6 +15,7 @@ same float32 operations to each sample, so the same seed gives the same metrics 
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from collections.abc import Callable, Iterator
@@ -238,6 +239,9 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.spec: DataSpec | None = None
         self.norm_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        # set by run.py for the generative models, whose samples are probabilities: inputs are scaled to [0, 1]
+        # by the training split's minimum and maximum, whatever `normalize` says, instead of standardized
+        self.unit_range = False
         # fit_transform's fitted state, as plain JSON data (None: the data set has no preprocessing of its
         # own). Set before prepare(), it is applied as given instead of fitted: see use_preprocessing.
         self.preprocessing: dict | None = None
@@ -286,19 +290,19 @@ class InMemoryDataModule(pl.LightningDataModule):
             fitted = {"train": train, **{k: self.transform(x.whole(), y) for k, (x, y) in host.items()}}
             host = {k: (Rows(x), np.asarray(y)) for k, (x, y) in fitted.items()}
         self.data_path = self._choose_path(host)
-        normalize = self.normalize and not self.integer_inputs
+        normalize = (self.normalize or self.unit_range) and not self.integer_inputs
+        fit = self._fit_unit_range if self.unit_range else self._fit_normalization
         if self.data_path["mode"] == "streamed":
             x_train, y_train = host["train"]
             if normalize:
-                self.norm_stats = self._fit_normalization(
-                    len(x_train), lambda a, b: self._tensors(x_train.take(slice(a, b)), y_train[a:b])[0])
+                self.norm_stats = fit(len(x_train), lambda a, b: self._tensors(x_train.take(slice(a, b)), y_train[a:b])[0])
             self.streamed = host
             self.spec = self.make_spec(torch.empty((0, *x_train.sample_shape)), arrays)
             return self.spec
         parts = {k: self._tensors(x.whole(), y) for k, (x, y) in host.items()}
         if normalize:
             x_train = parts["train"][0]
-            mean, std = self._fit_normalization(len(x_train), lambda a, b: x_train[a:b])
+            mean, std = fit(len(x_train), lambda a, b: x_train[a:b])
             parts = {k: ((x - mean) / std, y) for k, (x, y) in parts.items()}
             self.norm_stats = (mean, std)
         self.splits = parts
@@ -419,6 +423,17 @@ class InMemoryDataModule(pl.LightningDataModule):
         std = (m2 / (count - 1)).sqrt() if count > 1 else torch.full(shape, float("nan"), dtype=torch.float64)
         mean, std = mean.float(), std.float()
         return mean, torch.where(std > 1e-8, std, torch.ones_like(std))
+
+    @staticmethod
+    def _fit_unit_range(n: int, rows: Callable[[int, int], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training inputs' minimum and range (max - min), one number each, as `_fit_normalization`'s
+        (shift, scale): (x - min) / range lies in [0, 1] on the training split."""
+        step = max(1, STATS_CHUNK_ELEMENTS // max(1, rows(0, 1)[0].numel()))
+        low, high = torch.tensor(math.inf), torch.tensor(-math.inf)
+        for start in range(0, n, step):  # chunk by chunk: bounded memory, as _fit_normalization
+            chunk = rows(start, min(n, start + step))
+            low, high = torch.minimum(low, chunk.min()), torch.maximum(high, chunk.max())
+        return low, torch.where(high - low > 1e-8, high - low, torch.ones_like(low))
 
     # --- Lightning hooks ------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:

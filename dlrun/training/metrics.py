@@ -36,8 +36,9 @@ Scored = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (output, target, mea
 class EpochMetrics:
     """The statistics of each stage's epoch so far, turned into `<stage>/<metric>` values by `compute`.
 
-    Feed it with `score` (every batch), `add_penalty` and `add_gradient_norms` (training steps), `flush`
-    (at a group's end), `start_evaluation` (before a validation or test pass).
+    Feed it with `score` (every batch) or `record` (the sums of a task that scores itself), `add_penalty` and
+    `add_gradient_norms` (training steps), `flush` (at a group's end), `start_evaluation` (before a
+    validation or test pass).
     """
 
     def __init__(self, task: Task, network: nn.Module):
@@ -67,6 +68,10 @@ class EpochMetrics:
         else:
             self._add(stage, self._stats([scored], stage))
         return loss
+
+    def record(self, stage: str, stats: dict[str, torch.Tensor | int]) -> None:
+        """Sums a task's statistics that its own training loop computed (the generative models'), for `stage`."""
+        self._add(stage, stats)
 
     def add_penalty(self, penalty: torch.Tensor) -> None:
         """A training step's summed penalty terms (train/penalty)."""

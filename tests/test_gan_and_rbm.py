@@ -3,6 +3,7 @@ real training runs on digits, the two optimizers, resume and a sweep."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -146,11 +147,11 @@ def test_gan_resume_equals_the_uninterrupted_run(compose_cfg, tmp_path):
 
 @pytest.mark.slow
 def test_grid_sweep_over_gan(run_dlrun):
-    """Both architectures and both generator losses, each job a process: all complete, with finite losses."""
-    result = run_dlrun("-m", "model=gan", "model.arch=mlp,dcgan", "model.generator_loss=non_saturating,minimax",
+    """Both architectures (with the minimax loss), each job a process: both complete, with finite losses."""
+    result = run_dlrun("-m", "model=gan", "model.arch=mlp,dcgan", "model.generator_loss=minimax",
                        "debug=fast", "trainer.max_epochs=2", "print_config=false", *QUIET)
-    summaries = [result.summary(d) for d in result.run_dirs]
-    assert len(summaries) == 4
+    summaries = [json.loads(p.read_text()) for p in result.output_dir.glob("sweeps/*/*model.arch=*/summary.json")]
+    assert len(summaries) == 2
     for summary in summaries:
         assert summary["status"] == "completed"
         for name in ("test/loss", "test/d_loss", "test/d_real", "test/d_fake"):

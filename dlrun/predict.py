@@ -53,6 +53,9 @@ def predict(target: str | Path, inputs: list[str | Path], which: str = "best",
     if spec.per_step:
         raise UserError(f"dataset={datamodule.name} predicts at every time step; dlrun-predict writes one "
                         "prediction per input.", "Use dlrun-eval for its metrics.", title="Not supported")
+    if module.task.kind != spec.task:  # a generative model's own task: it learned the inputs, not the targets
+        raise UserError(f"this run trained a generative model ({module.task.kind} task): it predicts no targets.",
+                        "Use dlrun-eval for its metrics.", title="Not supported")
     ids, x = read_inputs(datamodule, paths)
     outputs = _outputs(module.network, datamodule.prepare_inputs(x))
     frame = _table(ids, outputs, spec, datamodule.preprocessing)

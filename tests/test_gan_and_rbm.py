@@ -202,3 +202,12 @@ def test_cd1_lowers_the_reconstruction_error(compose_cfg, tmp_path):
     assert {f"val/{m.name}" for m in TASK_METRICS["boltzmann"]} <= set(trainer.callback_metrics)
     samples = module.network.sample(16, torch.Generator().manual_seed(0))
     assert samples.shape == (16, 1, 8, 8) and samples.min() >= 0 and samples.max() <= 1
+
+
+@pytest.mark.slow
+def test_gan_trains_under_ddp(run_dlrun):
+    """Two CPU processes: each backward reaches every parameter, as DDP's reducer requires."""
+    result = run_dlrun("model=gan", "hardware=ddp_cpu", "debug=fast", "trainer.max_epochs=2", *QUIET)
+    summary = result.summary()
+    assert summary["status"] == "completed" and summary["world_size"] == 2
+    assert math.isfinite(summary["metrics"]["test/d_loss"])

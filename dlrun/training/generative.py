@@ -91,13 +91,17 @@ class AdversarialExperiment(SelfScoredExperiment):
         """Return the discriminator's loss of each of its steps, for DivergenceGuard."""
         generator_optimizer, discriminator_optimizer = self.optimizers()
         execution, task, gan = self._execution, self.task, self.network
+        # Under DDP every backward must reach every parameter (the reducer waits for all of them), so the
+        # discriminator's step backpropagates into G too; the generator's step discards that gradient.
+        detach = self.trainer.world_size == 1
         losses = []
         for i, (x, _) in enumerate(execution.batches_of(batch)):
             if i and self._interruption is not None and self._interruption.signum is not None:
                 break
             if execution.max_steps_reached(self.trainer):
                 break
-            fake = gan.generator(gan.noise(len(x), x.device)).detach()
+            fake = gan.generator(gan.noise(len(x), x.device))
+            fake = fake.detach() if detach else fake
             real_logits, fake_logits = gan(x), gan(fake)
             per_sample = task.discriminator_loss(real_logits, fake_logits)
             loss = per_sample.mean()

@@ -211,3 +211,16 @@ def test_gan_trains_under_ddp(run_dlrun):
     summary = result.summary()
     assert summary["status"] == "completed" and summary["world_size"] == 2
     assert math.isfinite(summary["metrics"]["test/d_loss"])
+
+
+def test_generative_inputs_are_scaled_to_the_unit_interval_on_both_data_paths(datamodule):
+    """The training split's minimum and maximum map to 0 and 1, whatever dataset.normalize says, in memory
+    and streamed alike."""
+    batches = {}
+    for in_memory in ("true", "false"):
+        data = datamodule("digits", f"dataset.in_memory={in_memory}", "dataset.normalize=false")
+        data.unit_range = True
+        data.prepare()
+        batches[in_memory] = data.inputs("train", 10_000)
+    torch.testing.assert_close(batches["true"], batches["false"])
+    assert batches["true"].min() == 0 and batches["true"].max() == 1

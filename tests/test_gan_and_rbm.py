@@ -134,13 +134,14 @@ def test_gan_refuses_what_acts_on_one_supervised_objective(compose_cfg):
 
 
 def test_gan_resume_equals_the_uninterrupted_run(compose_cfg, tmp_path):
-    """Both optimizers' states and the random state survive: stopped mid-epoch 1 (global_step counts the
-    discriminator's and the generator's steps) and resumed, the run ends bit for bit as the one left alone."""
-    cfg = compose_cfg(*QUIET, "model=gan", "model.width=32", "model.k=2", "optim.discriminator_lr=0.002",
+    """Both optimizers' states, the random state and the count of discriminator steps survive: with k=3 and 4
+    batches an epoch, generator steps follow batches 3, 6, 9 and 12 (global_step counts both networks' steps:
+    5, 5 and 6 an epoch). Stopped mid-epoch 1 and resumed, the run ends bit for bit as the one left alone."""
+    cfg = compose_cfg(*QUIET, "model=gan", "model.width=32", "model.k=3", "optim.discriminator_lr=0.002",
                       "dataset.n_train=128", "dataset.batch_size=32", "trainer.max_epochs=3",
                       "trainer.steps_per_execution=1")
     uninterrupted = _fit(cfg, RunDir(tmp_path / "whole"))
-    assert uninterrupted["global_step"] == 3 * 6
+    assert uninterrupted["global_step"] == 16
     run_dir = RunDir(tmp_path / "stopped")
     assert _fit(cfg, run_dir, stop=StopAt(9)) == {}
     _assert_same_run(_fit(cfg, run_dir, resume=True), uninterrupted)

@@ -57,7 +57,7 @@ class SelfScoredExperiment(Experiment):
 class AdversarialExperiment(SelfScoredExperiment):
     """A GAN (dlrun/models/gan.py) trained as in the notes' algorithm (000 §14.4.1): every training batch
     makes one discriminator step (the real batch against as many generated samples, the generator held
-    fixed); every `model.k`-th batch of an epoch is followed by one generator step on fresh noise.
+    fixed); every `model.k`-th batch of the run is followed by one generator step on fresh noise.
 
     Two optimizers of the optim group's class and knobs, the generator's first: `optim.lr` is the
     generator's rate and the discriminator's unless `optim.discriminator_lr` is set. trainer.global_step
@@ -70,7 +70,7 @@ class AdversarialExperiment(SelfScoredExperiment):
         if self.schedule is not None:
             raise UserError("model=gan trains two optimizers; a learning-rate schedule drives one.",
                             "Use scheduler=none with model=gan.", title="Incompatible scheduler and model")
-        self._batches_this_epoch = 0  # the position in the epoch's cycles of k discriminator steps
+        self._discriminator_steps = 0  # of the run (saved in checkpoints): every k-th is followed by a generator step
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -109,8 +109,8 @@ class AdversarialExperiment(SelfScoredExperiment):
             execution.step(self, discriminator_optimizer)
             self.metrics.record("train", task.discriminator_stats(real_logits, fake_logits, per_sample))
             losses.append(loss.detach())
-            self._batches_this_epoch += 1
-            if self._batches_this_epoch % gan.k == 0:
+            self._discriminator_steps += 1
+            if self._discriminator_steps % gan.k == 0:
                 per_sample = task.generator_loss(gan(gan.generator(gan.noise(len(x), x.device))))
                 loss = per_sample.mean()
                 execution.backward(self, loss, loss.detach(), generator_optimizer)
@@ -133,7 +133,12 @@ class AdversarialExperiment(SelfScoredExperiment):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_lr = self.optimizers()[0].param_groups[0]["lr"]  # the generator's
-        self._batches_this_epoch = 0
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["discriminator_steps"] = self._discriminator_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._discriminator_steps = int(checkpoint.get("discriminator_steps", 0))
 
 
 class ContrastiveDivergence(SelfScoredExperiment):

@@ -230,7 +230,8 @@ def _global_grad_norms(per_parameter: list[list[torch.Tensor]]) -> dict[str, tor
         per_step = torch.linalg.vector_norm(rows, dim=1)
     else:
         per_step = torch.stack([torch.linalg.vector_norm(torch.stack(norms)) for norms in per_parameter])
-    return {"grad_norm": per_step.sum(), "optimizer_steps": len(per_parameter)}
+    # in float64: the float32 norms add exactly, so the epoch's sum is the same whatever the grouping
+    return {"grad_norm": per_step.to(_sum_dtype(per_step.device)).sum(), "optimizer_steps": len(per_parameter)}
 
 
 def _sum_dtype(device: torch.device) -> torch.dtype:

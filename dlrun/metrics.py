@@ -52,12 +52,18 @@ TASK_METRICS: dict[str, tuple[Metric, ...]] = {
     "reconstruction": (_LOSS, _RECON),  # per input element: the loss is the reconstruction error
     # per sample, in nats: loss = recon + kl, the negative ELBO; bpd = loss / (input elements x ln 2)
     "generative": (_LOSS, _RECON, Metric("kl", "min", STAGES), Metric("bpd", "min", STAGES)),
+    # model=gan: loss is the generator's; the discriminator's loss, mean D(x) on real data and D(G(z)) on samples
+    "adversarial": (_LOSS, Metric("d_loss", "min", STAGES), Metric("d_real", "max", STAGES),
+                    Metric("d_fake", "max", STAGES)),
+    # model=rbm: loss is the reconstruction error; the log pseudo-likelihood per sample
+    "boltzmann": (_LOSS, Metric("pseudo_ll", "max", STAGES)),
 }
 
 #: each task's main score: the sweep table's headline column beside the monitored metric's test twin
 HEADLINE: dict[str, str] = {"per_step": "bpc", "multiclass": "acc", "binary": "acc", "regression": "r2",
                              "node_classification": "acc",
-                             "generative": "bpd", "reconstruction": "recon"}  # bpd first: a VAE logs recon too
+                             "generative": "bpd", "reconstruction": "recon",  # bpd first: a VAE logs recon too
+                             "adversarial": "d_fake", "boltzmann": "pseudo_ll"}
 
 #: training diagnostics, kept as device sums like the task's statistics
 DIAGNOSTICS: tuple[Metric, ...] = (

@@ -41,6 +41,7 @@ from dlrun.rundir import RunDir, RunInterrupted, load_checkpoint
 from dlrun.sample_quality import sample_quality
 from dlrun.tracking import build_loggers, finalize_loggers
 from dlrun.training.callbacks import Diverged, FirstStepClock, Interruption, MonitorTracker, build_callbacks
+from dlrun.training.generative import experiment_class
 from dlrun.training.grouping import GroupedExecution
 from dlrun.training.module import Experiment
 from dlrun.training.optimizers import optimizer_factory
@@ -251,8 +252,9 @@ def build_experiment(
     network = build_network(cfg.model, spec, choices.get("model", "?"), model_overrides)
     optimizer = optimizer_factory(cfg.optim) if train else None  # the class and its knobs; the parameters come later
     schedule = schedule_from_config(cfg.scheduler) if train else None
-    module = Experiment(network, make_task(spec, **task_overrides), optimizer, schedule, regularizers,
-                        cfg.callbacks.monitor, datamodule.validation_splits())
+    task = make_task(spec, **task_overrides, network=network)  # a GAN's, an RBM's: the network's own
+    module = experiment_class(task)(network, task, optimizer, schedule, regularizers, cfg.callbacks.monitor,
+                                    datamodule.validation_splits())
     # val/* is accepted without a validation split too: such a run trains unmonitored (build_trainer)
     monitor, logged = cfg.callbacks.monitor, module.metrics.monitorable(("train", "val", *module.validation_stages))
     if monitor not in logged:

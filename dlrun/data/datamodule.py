@@ -241,8 +241,8 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.spec: DataSpec | None = None
         self.norm_stats: tuple[torch.Tensor, torch.Tensor] | None = None
-        # fit_transform's fitted state, as plain JSON data (None: the data set has no preprocessing of its
-        # own). Set before prepare(), it is applied as given instead of fitted: see use_preprocessing.
+        # set by run.py for the generative models, whose samples are probabilities: inputs are scaled to [0, 1]
+        # by the training split's minimum and maximum, whatever `normalize` says, instead of standardized
         self.preprocessing: dict | None = None
         self.notes: dict = {}  # what loading found (skipped files, a cache hit), printed and put in summary.json
         # the device whose free memory sets the default budget; run.py sets it before prepare()

@@ -16,9 +16,11 @@ class Graph:
 
     num_nodes: int
     edges: Any  # numpy (2, E) int64; no numpy import here, so that the CLI reads specs without it
+
+
 #: tasks that a model sets (dlrun/models/base.py: model_task), which learn from the inputs alone: the data set's
 #: labels are ignored, and its inputs are scaled to [0, 1] instead of standardized (the datamodule's unit_inputs)
-INPUT_TASKS = ("reconstruction", "generative")
+INPUT_TASKS = ("reconstruction", "generative", "adversarial", "boltzmann")
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,10 @@ Scored = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (output, target, mea
 class EpochMetrics:
     """The statistics of each stage's epoch so far, turned into `<stage>/<metric>` values by `compute`.
 
-    Feed it with `score` (every batch), `add_penalty` and `add_gradient_norms` (training steps), `flush`
-    (at a group's end), `start_evaluation` (before a validation or test pass), `evaluating` (before an
-    evaluation batch, when one pass measures several stages: validation and train_eval).
+    Feed it with `score` (every batch) or `record` (the sums of a task that scores itself), `add_penalty` and
+    `add_gradient_norms` (training steps), `flush` (at a group's end), `start_evaluation` (before a
+    validation or test pass), `evaluating` (before an evaluation batch, when one pass measures several
+    stages: validation and train_eval).
     """
 
     def __init__(self, task: Task, network: nn.Module):
@@ -72,6 +73,10 @@ class EpochMetrics:
         else:
             self._add(stage, self._stats([scored], stage))
         return loss
+
+    def record(self, stage: str, stats: dict[str, torch.Tensor | int]) -> None:
+        """Sums a task's statistics that its own training loop computed (the generative models'), for `stage`."""
+        self._add(stage, stats)
 
     def add_penalty(self, penalty: torch.Tensor) -> None:
         """A training step's summed penalty terms (train/penalty)."""
@@ -338,7 +343,8 @@ def _global_grad_norms(per_parameter: list[list[torch.Tensor]]) -> dict[str, tor
         per_step = torch.linalg.vector_norm(rows, dim=1)
     else:
         per_step = torch.stack([torch.linalg.vector_norm(torch.stack(norms)) for norms in per_parameter])
-    return {"grad_norm": per_step.sum(), "optimizer_steps": len(per_parameter)}
+    # in float64: the float32 norms add exactly, so the epoch's sum is the same whatever the grouping
+    return {"grad_norm": per_step.to(_sum_dtype(per_step.device)).sum(), "optimizer_steps": len(per_parameter)}
 
 
 def _sum_dtype(device: torch.device) -> torch.dtype:

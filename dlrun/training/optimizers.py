@@ -7,18 +7,36 @@ v = -lr * PyTorch's momentum buffer); tests/test_optim.py checks each against th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-#: the optimizer class with its knobs, waiting for the parameters: what Experiment takes
-OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+class OptimizerFactory:
+    """The optimizer class with its knobs, waiting for the parameters: what Experiment takes.
+
+    `discriminator_lr` is dlrun's knob, not the class's: a GAN's second optimizer (its discriminator's) is
+    made by `for_discriminator`, with the same class and knobs and this learning rate when it is set.
+    """
+
+    def __init__(self, optim_cfg: DictConfig):
+        knobs = OmegaConf.to_container(optim_cfg, resolve=True)
+        self.discriminator_lr = knobs.pop("discriminator_lr", None)  # absent from older runs' configs
+        self._make = instantiate(knobs, _partial_=True, _convert_="all")
+
+    def __call__(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return self._make(params)
+
+    def for_discriminator(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if self.discriminator_lr is None:
+            return self._make(params)
+        return self._make(params, lr=self.discriminator_lr)
 
 
 def optimizer_factory(optim_cfg: DictConfig) -> OptimizerFactory:
-    return instantiate(optim_cfg, _partial_=True, _convert_="all")
+    return OptimizerFactory(optim_cfg)
 
 
 def build_optimizer(optim_cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:

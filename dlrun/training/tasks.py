@@ -265,6 +265,68 @@ def _negative_log_likelihood(output: Reconstructed, target: torch.Tensor) -> tor
     if output.likelihood == "bernoulli":
         return _element_errors(output, target)
     return 0.5 * _element_errors(output, target) + 0.5 * math.log(2 * math.pi)
+class Adversarial(Task):
+    """The GAN game (notes 000 §14.4): D ascends log D(x) + log(1 - D(G(z))); G descends its own loss,
+
+    - `minimax`: log(1 - D(G(z))), the game's value as the notes write it. Its gradient with respect to
+      D's logit at G(z) is -D(G(z)): it vanishes when D rejects the samples, early in training;
+    - `non_saturating` (the default): -log D(G(z)), i.e. G maximizes log D(G(z)) (the notes' §14.4.1
+      states the sign wrongly). Its gradient there is -(1 - D(G(z))), about -1 when D rejects them.
+
+    Losses are per sample, from D's logits (D = sigmoid of the logit), computed with softplus so that they
+    stay finite when D saturates. The epoch's metrics: `loss` (the generator's, as configured), `d_loss`
+    (the discriminator's binary cross-entropy, log 4 ~ 1.386 at the game's equilibrium D = 1/2), and the
+    mean D(x) on real data and D(G(z)) on generated data. In training the discriminator's sums come from its
+    steps, the generator's from its (one per k discriminator steps).
+    """
+
+    kind = "adversarial"
+    GENERATOR_LOSSES = ("non_saturating", "minimax")
+
+    def __init__(self, generator_loss: str = "non_saturating"):
+        super().__init__()
+        if generator_loss not in self.GENERATOR_LOSSES:
+            raise ValueError(f"generator_loss must be one of {self.GENERATOR_LOSSES}, not {generator_loss!r}")
+        self.minimax = generator_loss == "minimax"
+
+    @staticmethod
+    def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+        """-log D(x) - log(1 - D(G(z))), per sample: what D minimizes."""
+        return F.softplus(-real_logits) + F.softplus(fake_logits)
+
+    def generator_loss(self, fake_logits: torch.Tensor) -> torch.Tensor:
+        """log(1 - D(G(z))) (minimax) or -log D(G(z)) (non-saturating), per sample: what G minimizes."""
+        return -F.softplus(fake_logits) if self.minimax else F.softplus(-fake_logits)
+
+    @staticmethod
+    def discriminator_stats(real_logits: torch.Tensor, fake_logits: torch.Tensor,
+                            losses: torch.Tensor) -> dict[str, torch.Tensor | int]:
+        return {"d_loss": losses.detach().sum(), "d_real": torch.sigmoid(real_logits.detach()).sum(),
+                "d_fake": torch.sigmoid(fake_logits.detach()).sum(), "d_count": real_logits.numel()}
+
+    @staticmethod
+    def generator_stats(losses: torch.Tensor) -> dict[str, torch.Tensor | int]:
+        return {"g_loss": losses.detach().sum(), "g_count": losses.numel()}
+
+    def metrics(self, sums):
+        d_count, g_count = max(sums.get("d_count", 0.0), 1.0), max(sums.get("g_count", 0.0), 1.0)
+        out = {name: sums[name] / d_count for name in ("d_loss", "d_real", "d_fake") if name in sums}
+        if "g_loss" in sums:
+            out["loss"] = sums["g_loss"] / g_count
+        return out
+
+
+class Boltzmann(Task):
+    """A restricted Boltzmann machine's scores (notes 000 §13; the model trains by contrastive divergence,
+    which has no loss of its own): `loss` is the reconstruction error, the mean squared difference per
+    visible unit between the visible vector and its mean-field reconstruction p(v | p(h | v)); `pseudo_ll`
+    the mean log pseudo-likelihood Σ_i log p(v_i | v_-i) per sample (dlrun/models/rbm.py), in nats."""
+
+    kind = "boltzmann"
+
+    def metrics(self, sums):
+        return {"loss": sums["squared_error"] / max(sums["units"], 1.0),
+                "pseudo_ll": sums["pseudo_ll"] / max(sums["count"], 1.0)}
 
 
 def _classification_metrics(sums: dict[str, float | list[float]]) -> dict[str, float]:
@@ -288,8 +350,11 @@ def _classification_metrics(sums: dict[str, float | list[float]]) -> dict[str, f
     return out
 
 
-def make_task(spec: DataSpec, label_smoothing: float = 0.0) -> Task:
-    """The task of `spec`'s data; refuses label smoothing where it has no meaning."""
+def make_task(spec: DataSpec, label_smoothing: float = 0.0, network: torch.nn.Module | None = None) -> Task:
+    """The task of `spec`'s data, or of `network` when it brings its own (`make_task`: the generative
+    models, which ignore the data set's targets); refuses label smoothing where it has no meaning."""
+    if hasattr(network, "make_task"):
+        return network.make_task()
     if label_smoothing:
         _check_label_smoothing(spec, label_smoothing)
     if spec.task == "multiclass":

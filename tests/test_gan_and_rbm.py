@@ -215,12 +215,12 @@ def test_gan_trains_under_ddp(run_dlrun):
 
 
 def test_generative_inputs_are_scaled_to_the_unit_interval_on_both_data_paths(datamodule):
-    """The training split's minimum and maximum map to 0 and 1, whatever dataset.normalize says, in memory
+    """Digits' range (0 to 16) maps to [0, 1], whatever dataset.normalize says, in memory
     and streamed alike."""
     batches = {}
     for in_memory in ("true", "false"):
         data = datamodule("digits", f"dataset.in_memory={in_memory}", "dataset.normalize=false")
-        data.unit_range = True
+        data.unit_inputs = True
         data.prepare()
         batches[in_memory] = data.inputs("train", 10_000)
     torch.testing.assert_close(batches["true"], batches["false"])

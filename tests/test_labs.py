@@ -105,6 +105,9 @@ def test_quantities_read_the_summary_and_metrics_csv(tmp_path):
                     "epochs - best_epoch": 2.0, "val/loss - train/loss": pytest.approx(0.3), "diverged": 0.0,
                     "test/acc": None}
     assert parse_quantity("diverged")(job("a", 0, status="diverged")) == 1.0
+    j.ensemble = {"test/acc": 0.97}  # the level's ensemble (the runner adds it from dlrun-eval's model averaging)
+    j.summary.metrics["test/acc"] = 0.95
+    assert parse_quantity("ensemble:test/acc - test/acc")(j) == pytest.approx(0.02)
 
 
 @pytest.mark.parametrize("item, says", [

@@ -18,11 +18,6 @@ CURVES_FILE = "lab_curves.png"
 MEASURE_FILE = "lab_measure.png"
 
 
-def quantities(lab: Lab) -> list[str]:
-    """The table's columns: the measured quantity, then every quantity the verdict reads."""
-    return list(dict.fromkeys([lab.measure, *(c.quantity for c in lab.checks)]))
-
-
 def write_report(lab: Lab, size: str, lab_dir: Path, jobs: list[LabJob], verdict: Verdict, command: str) -> None:
     levels = lab.sizes[size].levels
     curves = draw_curves(lab, levels, jobs)
@@ -31,7 +26,7 @@ def write_report(lab: Lab, size: str, lab_dir: Path, jobs: list[LabJob], verdict
         write_atomic(lab_dir / CURVES_FILE, curves)
     if measure is not None:
         write_atomic(lab_dir / MEASURE_FILE, measure)
-    columns = quantities(lab)
+    columns = lab.quantities()
     lines = [
         f"# Lab `{lab.name}` ({size})", "",
         f"**Claim.** {lab.claim}", "",

@@ -95,6 +95,8 @@ def main(args: list[str]) -> int:
 def conclude(lab: Lab, size: str, lab_dir: Path, command: str) -> Verdict:
     """Judge the lab from its directory's jobs, write the report and figures, print the verdict line."""
     jobs = read_jobs(lab, lab_dir)
+    if lab.uses_ensemble():
+        add_ensembles(jobs, lab_dir)
     verdict = judge(lab.checks, jobs, lab.sizes[size].seeds)
     write_report(lab, size, lab_dir, jobs, verdict, command)
     write_atomic(lab_dir / VERDICT_FILE, json.dumps({
@@ -130,6 +132,24 @@ def read_jobs(lab: Lab, lab_dir: Path) -> list[LabJob]:
         if level is not None and seed.isdigit():
             jobs.append(LabJob(level=level, seed=int(seed), summary=summary, path=path.parent))
     return jobs
+
+
+def add_ensembles(jobs: list[LabJob], lab_dir: Path) -> None:
+    """Give each job its level's ensemble metrics on the test split: dlrun-eval's model averaging over the
+    level's completed runs, written to ensemble_<level>.json (kept, so a resumed lab does not redo it)."""
+    for level in dict.fromkeys(job.level for job in jobs):
+        members = [job for job in jobs if job.level == level and job.summary.status == "completed"]
+        path = lab_dir / f"ensemble_{level}.json"
+        if not path.is_file() and len(members) >= 2:
+            from dlrun.evaluate import evaluate_ensemble  # torch, only for labs about ensembles
+
+            evaluate_ensemble([job.path for job in members], split="test", json_path=path)
+        try:
+            metrics = json.loads(path.read_text())["ensemble"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        for job in members:
+            job.ensemble = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def print_lab_list() -> None:

@@ -60,6 +60,13 @@ class Lab:
     log_scale: bool  # draw the curves and the measure on a log axis (losses spanning decades)
     path: Path
 
+    def quantities(self) -> list[str]:
+        """The measured quantity, then every quantity the verdict reads (the report's columns)."""
+        return list(dict.fromkeys([self.measure, *(c.quantity for c in self.checks)]))
+
+    def uses_ensemble(self) -> bool:
+        return any("ensemble:" in q for q in self.quantities())
+
 
 def lab_names(lab_dir: Path = LAB_DIR) -> list[str]:
     return sorted(p.stem for p in lab_dir.glob("*.yaml"))

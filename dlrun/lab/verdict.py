@@ -10,6 +10,8 @@ A quantity names what to read from one job:
     epochs_to:val/acc>=0.9    how many epochs it took to reach the value (inf: never)
     epochs, best_epoch, best_value
     diverged                  1 when the run diverged, else 0
+    ensemble:test/acc         the metric of the ensemble of the level's runs (004 §5.7; dlrun-eval's model
+                              averaging, computed once the sweep is done): the same for every seed of a level
     val/loss - train/loss     the difference of two quantities
 
 A check compares one level's quantity with a number, or with another level's quantity of the same seed:
@@ -56,6 +58,7 @@ class LabJob:
     seed: int
     summary: RunSummary
     path: Path | None = None
+    ensemble: dict[str, float] | None = None  # the metrics of the ensemble of this job's level, when the lab asks
     _columns: dict[str, list[float]] | None = field(default=None, repr=False)
 
     def columns(self) -> dict[str, list[float]]:
@@ -83,6 +86,8 @@ def parse_quantity(text: str) -> Quantity:
             raise ValueError(f"quantity '{text}': not a metric (stage/name), a summary field "
                              f"({', '.join(_SUMMARY_FIELDS)}, diverged) or kind:argument")
         return lambda job: _number(job.summary.metrics.get(text))
+    if kind == "ensemble":
+        return lambda job: _number((job.ensemble or {}).get(arg))
     if kind == "last":
         return lambda job: _number(((job.summary.last_epoch or {}).get("metrics") or {}).get(arg))
     if kind in ("min", "max"):
@@ -99,7 +104,7 @@ def parse_quantity(text: str) -> Quantity:
             raise ValueError(f"quantity '{text}': epochs_to takes column, comparison and value, e.g. epochs_to:val/acc>=0.9")
         column, op, value = match[1], _OPS[match[2]], float(match[3])
         return lambda job: _epochs_to(job.columns(), column, op, value)
-    raise ValueError(f"quantity '{text}': unknown kind '{kind}' (last, min, max, at_epoch, epochs_to)")
+    raise ValueError(f"quantity '{text}': unknown kind '{kind}' (last, min, max, at_epoch, epochs_to, ensemble)")
 
 
 def _number(value: Any) -> float | None:

@@ -18,7 +18,8 @@ CURVES_FILE = "lab_curves.png"
 MEASURE_FILE = "lab_measure.png"
 
 
-def write_report(lab: Lab, size: str, lab_dir: Path, jobs: list[LabJob], verdict: Verdict, command: str) -> None:
+def write_report(lab: Lab, size: str, lab_dir: Path, jobs: list[LabJob], verdict: Verdict, command: str,
+                 sweep: str = "") -> None:
     levels = lab.sizes[size].levels
     curves = draw_curves(lab, levels, jobs)
     measure = draw_measure(lab, levels, jobs)
@@ -31,7 +32,7 @@ def write_report(lab: Lab, size: str, lab_dir: Path, jobs: list[LabJob], verdict
         f"# Lab `{lab.name}` ({size})", "",
         f"**Claim.** {lab.claim}", "",
         f"**Source.** {lab.source}", "",
-        f"**Command.** `{command}`", "",
+        f"**Command.** `{command}`" + (f", which ran the sweep `dlrun {sweep}`" if sweep else ""), "",
         f"**Verdict: {verdict.outcome}.**", "",
         *(f"- {r.outcome}: {r.explain()}" for r in verdict.results), "",
         f"Each check compares per seed ({len(lab.sizes[size].seeds)} seeds: "

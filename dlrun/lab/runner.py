@@ -75,7 +75,7 @@ def main(args: list[str]) -> int:
     if record is None:
         write_atomic(lab_dir / RECORD_FILE, json.dumps(
             {"lab": lab.name, "size": size, "overrides": overrides, "command": command,
-             "sweep_command": " ".join(sweep[2:])}, indent=2) + "\n")
+             "sweep_command": " ".join(sweep[3:])}, indent=2) + "\n")
     console.print(f"[bold]lab {lab.name}[/bold] ({size}): {lab.claim}\n[dim]{lab.source} · {lab_dir}[/dim]",
                   highlight=False)
     try:
@@ -88,17 +88,18 @@ def main(args: list[str]) -> int:
     if code not in (0, 1) or not any(lab_dir.glob("*/summary.json")):
         err_console.print(f"the sweep ended with exit code {code}: continue with  dlrun lab.resume={lab_dir}")
         return code
-    conclude(lab, size, lab_dir, command=_recorded_command(lab_dir, command))
+    record = _read_record(lab_dir)
+    conclude(lab, size, lab_dir, command=record.get("command", command), sweep=record.get("sweep_command", ""))
     return 0 if code == 0 else 1
 
 
-def conclude(lab: Lab, size: str, lab_dir: Path, command: str) -> Verdict:
+def conclude(lab: Lab, size: str, lab_dir: Path, command: str, sweep: str = "") -> Verdict:
     """Judge the lab from its directory's jobs, write the report and figures, print the verdict line."""
     jobs = read_jobs(lab, lab_dir)
     if lab.uses_ensemble():
         add_ensembles(jobs, lab_dir)
     verdict = judge(lab.checks, jobs, lab.sizes[size].seeds)
-    write_report(lab, size, lab_dir, jobs, verdict, command)
+    write_report(lab, size, lab_dir, jobs, verdict, command, sweep)
     write_atomic(lab_dir / VERDICT_FILE, json.dumps({
         "lab": lab.name, "size": size, "verdict": verdict.outcome,
         "checks": [{"check": r.check.describe(), "outcome": r.outcome, "passed": r.passed, "judged": r.judged,
@@ -199,10 +200,3 @@ def _read_record(lab_dir: Path) -> dict:
                         title="Cannot resume the lab")
     check_overrides(record["overrides"], lab_dir)  # replayed from a directory: untrusted
     return record
-
-
-def _recorded_command(lab_dir: Path, fallback: str) -> str:
-    try:
-        return str(json.loads((lab_dir / RECORD_FILE).read_text())["command"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return fallback

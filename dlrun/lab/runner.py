@@ -95,7 +95,7 @@ def main(args: list[str]) -> int:
 
 def conclude(lab: Lab, size: str, lab_dir: Path, command: str, sweep: str = "") -> Verdict:
     """Judge the lab from its directory's jobs, write the report and figures, print the verdict line."""
-    jobs = read_jobs(lab, lab_dir)
+    jobs = read_jobs(lab, size, lab_dir)
     if lab.uses_ensemble():
         add_ensembles(jobs, lab_dir)
     verdict = judge(lab.checks, jobs, lab.sizes[size].seeds)
@@ -121,7 +121,7 @@ def sweep_command(lab: Lab, size: str, overrides: list[str], lab_dir: Path, n_jo
             f"hydra.launcher.n_jobs={n_jobs}", where]
 
 
-def read_jobs(lab: Lab, lab_dir: Path) -> list[LabJob]:
+def read_jobs(lab: Lab, size: str, lab_dir: Path) -> list[LabJob]:
     """The lab's jobs in `lab_dir`, each with its level and seed (read from the job's own overrides)."""
     jobs = []
     for path in sorted(lab_dir.glob("*/summary.json")):
@@ -129,10 +129,24 @@ def read_jobs(lab: Lab, lab_dir: Path) -> list[LabJob]:
         if summary is None or path.parent.name.startswith("."):
             continue
         given = dict(o.lstrip("+").split("=", 1) for o in summary.overrides if "=" in o)
-        level, seed = given.get(lab.factor), given.get("seed", "")
+        level = next((lv for lv in lab.sizes[size].levels if _same_value(given.get(lab.factor), lv)), None)
+        seed = given.get("seed", "")
         if level is not None and seed.isdigit():
             jobs.append(LabJob(level=level, seed=int(seed), summary=summary, path=path.parent))
     return jobs
+
+
+def _same_value(recorded: str | None, level: str) -> bool:
+    """Whether a job's recorded override value is the level: Hydra records `false` as `False`, `1e-2` as
+    `0.01`, so booleans compare without case and numbers as numbers."""
+    if recorded is None:
+        return False
+    if recorded == level or recorded.lower() == level.lower() in ("true", "false"):
+        return True
+    try:
+        return float(recorded) == float(level)
+    except ValueError:
+        return False
 
 
 def add_ensembles(jobs: list[LabJob], lab_dir: Path) -> None:

@@ -12,9 +12,11 @@ import yaml
 
 from dlrun.errors import UserError
 from dlrun.lab.report import write_report
+from dlrun.lab.runner import read_jobs
 from dlrun.lab.spec import LAB_DIR, lab_names, load_lab
 from dlrun.lab.verdict import HELD, INCONCLUSIVE, NOT_HELD, LabJob, judge, parse_check, parse_quantity
 from dlrun.run_summary import RunSummary
+from dlrun.rundir import RunDir
 
 
 def job(level: str, seed: int, status: str = "completed", csv: str | None = None, tmp: Path | None = None,
@@ -83,6 +85,7 @@ def test_levels_compare_seed_by_seed_with_a_factor_and_a_margin():
     verdict = judge([ratio], jobs, seeds=[0, 1])
     assert verdict.outcome == INCONCLUSIVE  # seed 0: 1e-5 < 4e-4; seed 1: 1e-3 is not < 5e-4
     assert verdict.results[0].right == pytest.approx([4e-4, 5e-4])
+    assert "vs sgd's 0.045 ± 0.007071: 1/2 seeds pass" in verdict.line()
     margin = parse_check({"level": "momentum", "quantity": "last:val/loss", "is": "<", "than_level": "sgd", "by": -0.03})
     assert judge([margin], jobs, seeds=[0, 1]).outcome == HELD  # < sgd's - 0.03 in both seeds
 
@@ -142,6 +145,15 @@ def test_the_report_has_the_claim_command_table_verdict_and_figures(tmp_path):
     for figure in ("lab_curves.png", "lab_measure.png"):
         assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({figure})" in report
+
+
+def test_jobs_are_matched_to_levels_however_hydra_recorded_the_value(tmp_path):
+    """Hydra records `model.batch_norm=false` as `False` and `optim.lr=1e-2` as `0.01`."""
+    for num, overrides in enumerate([["model.batch_norm=False", "seed=0"], ["model.batch_norm=True", "seed=2"],
+                                     ["model.batch_norm=True"], ["model=cnn", "seed=1"]]):
+        RunDir(tmp_path / f"{num}_job").write_summary(RunSummary(status="completed", overrides=overrides))
+    jobs = read_jobs(load_lab("batch_norm"), "quick", tmp_path)
+    assert [(j.level, j.seed, j.path.name) for j in jobs] == [("false", 0, "0_job"), ("true", 2, "1_job")]
 
 
 # --- the lab files --------------------------------------------------------------------------------------

@@ -193,14 +193,15 @@ class CheckResult:
     judged: int  # seeds with a value on both sides
     missing: list[int]  # seeds without a value (a failed job, a metric the run did not log)
     left: list[float]  # the level's values, one per judged seed
-    right: list[float]
+    right: list[float]  # what each is compared with: the number, or the other level's value x times + by
+    other: list[float] = field(default_factory=list)  # the other level's own values
 
     def explain(self) -> str:
         """The check, the numbers, and how many seeds passed."""
         c = self.check
         values = f"{c.level} {c.quantity} {mean_std(self.left)}"
         if c.than_level is not None:
-            values += f" vs {c.than_level}'s {mean_std(self.right)}"
+            values += f" vs {c.than_level}'s {mean_std(self.other)}"
         if c.over_seeds == "every":
             tally = f"{self.passed}/{self.judged} seeds pass"
         else:
@@ -234,7 +235,7 @@ def _judge_one(check: Check, jobs: Mapping[tuple[str, int], LabJob], seeds) -> C
         job = jobs.get((level, seed))
         return None if job is None else read(job)
 
-    left, right, missing = [], [], []
+    left, right, other, missing = [], [], [], []
     for seed in seeds:
         a = value(check.level, seed)
         b = check.than if check.than_level is None else value(check.than_level, seed)
@@ -243,11 +244,12 @@ def _judge_one(check: Check, jobs: Mapping[tuple[str, int], LabJob], seeds) -> C
             continue
         left.append(a)
         right.append(b if check.than_level is None else b * check.times + check.by)
+        other += [] if check.than_level is None else [b]
     if check.over_seeds == "mean":
         if not left:
-            return CheckResult(check, INCONCLUSIVE, 0, 0, missing, left, right)
+            return CheckResult(check, INCONCLUSIVE, 0, 0, missing, left, right, other)
         ok = check.passes(_mean(left), _mean(right))
-        return CheckResult(check, HELD if ok else NOT_HELD, int(ok), len(left), missing, left, right)
+        return CheckResult(check, HELD if ok else NOT_HELD, int(ok), len(left), missing, left, right, other)
     passed = sum(check.passes(a, b) for a, b in zip(left, right, strict=True))
     if passed == len(left) and not missing:
         outcome = HELD
@@ -255,7 +257,7 @@ def _judge_one(check: Check, jobs: Mapping[tuple[str, int], LabJob], seeds) -> C
         outcome = NOT_HELD
     else:
         outcome = INCONCLUSIVE
-    return CheckResult(check, outcome, passed, len(left), missing, left, right)
+    return CheckResult(check, outcome, passed, len(left), missing, left, right, other)
 
 
 def _mean(values: list[float]) -> float:

@@ -270,7 +270,9 @@ def mean_std(values: list[float]) -> str:
         return "—"
     if not all(math.isfinite(v) for v in values):
         finite = [v for v in values if math.isfinite(v)]
-        return f"{format_number(_mean(finite)) if finite else '—'} (∞ in {len(values) - len(finite)} of {len(values)})"
+        if not finite:
+            return f"∞ in all {len(values)}"
+        return f"{mean_std(finite)} (∞ in {len(values) - len(finite)} of {len(values)})"
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{format_number(_mean(values))} ± {format_number(std)}"
 

@@ -48,7 +48,9 @@ def test_a_claim_that_holds_in_every_seed_is_held():
     verdict = judge(XOR_RULE, xor_jobs([0.5, 0.75, 0.5], [1.0, 1.0, 1.0]), seeds=[0, 1, 2])
     assert verdict.outcome == HELD
     assert [r.passed for r in verdict.results] == [3, 3]
-    assert "logreg test/acc 0.5833 ± 0.1443" in verdict.line()
+    assert "logreg: test/acc ≤ 0.75 in every seed: test/acc 0.5833 ± 0.1443: 3/3 seeds pass" in verdict.line()
+    named = judge(XOR_RULE, xor_jobs([0.5, 0.75, 0.5], [1.0, 1.0, 1.0]), seeds=[0, 1, 2], factor="model")
+    assert named.line().startswith("held: model=logreg: test/acc ≤ 0.75 in every seed")
 
 
 def test_a_claim_that_fails_in_every_seed_did_not_hold():
@@ -85,7 +87,7 @@ def test_levels_compare_seed_by_seed_with_a_factor_and_a_margin():
     verdict = judge([ratio], jobs, seeds=[0, 1])
     assert verdict.outcome == INCONCLUSIVE  # seed 0: 1e-5 < 4e-4; seed 1: 1e-3 is not < 5e-4
     assert verdict.results[0].right == pytest.approx([4e-4, 5e-4])
-    assert "vs sgd's 0.045 ± 0.007071: 1/2 seeds pass" in verdict.line()
+    assert "< 0.01 × sgd's in every seed: last:val/loss 5.05e-04 ± 7.00e-04 vs 0.045 ± 0.007071: 1/2" in verdict.line()
     margin = parse_check({"level": "momentum", "quantity": "last:val/loss", "is": "<", "than_level": "sgd", "by": -0.03})
     assert judge([margin], jobs, seeds=[0, 1]).outcome == HELD  # < sgd's - 0.03 in both seeds
 

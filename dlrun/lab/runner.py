@@ -98,11 +98,11 @@ def conclude(lab: Lab, size: str, lab_dir: Path, command: str, sweep: str = "") 
     jobs = read_jobs(lab, size, lab_dir)
     if lab.uses_ensemble():
         add_ensembles(jobs, lab_dir)
-    verdict = judge(lab.checks, jobs, lab.sizes[size].seeds)
+    verdict = judge(lab.checks, jobs, lab.sizes[size].seeds, lab.factor)
     write_report(lab, size, lab_dir, jobs, verdict, command, sweep)
     write_atomic(lab_dir / VERDICT_FILE, json.dumps({
         "lab": lab.name, "size": size, "verdict": verdict.outcome,
-        "checks": [{"check": r.check.describe(), "outcome": r.outcome, "passed": r.passed, "judged": r.judged,
+        "checks": [{"check": r.check.describe(lab.factor), "outcome": r.outcome, "passed": r.passed, "judged": r.judged,
                     "missing_seeds": r.missing, "values": r.left, "compared_with": r.right} for r in verdict.results],
     }, indent=2) + "\n")
     colour = _COLOUR.get(verdict.outcome, "yellow")

@@ -149,17 +149,22 @@ class Check:
     over_seeds: str = "every"
     tol: float = 0.0
 
-    def describe(self) -> str:
+    def describe(self, factor: str = "") -> str:
+        """The check in words; with the lab's factor, levels read as factor=level."""
         right = format_number(self.than) if self.than_level is None else (
-            (f"{format_number(self.times)} × " if self.times != 1 else "") + f"{self.than_level}'s"
+            (f"{format_number(self.times)} × " if self.times != 1 else "") + f"{_named(factor, self.than_level)}'s"
             + (f" + {format_number(self.by)}" if self.by else ""))
         where = "in every seed" if self.over_seeds == "every" else "on the mean over seeds"
-        return f"{self.level}: {self.quantity} {_SYMBOL.get(self.op, self.op)} {right} {where}"
+        return f"{_named(factor, self.level)}: {self.quantity} {_SYMBOL.get(self.op, self.op)} {right} {where}"
 
     def passes(self, left: float, right: float) -> bool:
         if self.op == "==":
             return abs(left - right) <= self.tol
         return _OPS[self.op](left, right)
+
+
+def _named(factor: str, level: str) -> str:
+    return f"{factor}={level}" if factor else level
 
 
 def parse_check(item: Any) -> Check:
@@ -195,19 +200,20 @@ class CheckResult:
     left: list[float]  # the level's values, one per judged seed
     right: list[float]  # what each is compared with: the number, or the other level's value x times + by
     other: list[float] = field(default_factory=list)  # the other level's own values
+    factor: str = ""  # the lab's factor, to name the levels
 
     def explain(self) -> str:
         """The check, the numbers, and how many seeds passed."""
         c = self.check
-        values = f"{c.level} {c.quantity} {mean_std(self.left)}"
+        values = f"{c.quantity} {mean_std(self.left)}"
         if c.than_level is not None:
-            values += f" vs {c.than_level}'s {mean_std(self.other)}"
+            values += f" vs {mean_std(self.other)}"
         if c.over_seeds == "every":
             tally = f"{self.passed}/{self.judged} seeds pass"
         else:
             tally = "the means pass" if self.passed else "the means fail"
         missing = f"; no value for seed(s) {', '.join(map(str, self.missing))}" if self.missing else ""
-        return f"{c.describe()}: {values}: {tally}{missing}"
+        return f"{c.describe(self.factor)}: {values}: {tally}{missing}"
 
 
 @dataclass
@@ -219,10 +225,13 @@ class Verdict:
         return f"{self.outcome}: " + "; ".join(r.explain() for r in self.results)
 
 
-def judge(checks: tuple[Check, ...] | list[Check], jobs: list[LabJob], seeds: tuple[int, ...] | list[int]) -> Verdict:
+def judge(checks: tuple[Check, ...] | list[Check], jobs: list[LabJob], seeds: tuple[int, ...] | list[int],
+          factor: str = "") -> Verdict:
     """Apply every check to the jobs (each identified by level and seed) and combine the outcomes."""
     by_key = {(job.level, job.seed): job for job in jobs}
     results = [_judge_one(check, by_key, seeds) for check in checks]
+    for result in results:
+        result.factor = factor
     outcomes = {r.outcome for r in results}
     outcome = NOT_HELD if NOT_HELD in outcomes else INCONCLUSIVE if INCONCLUSIVE in outcomes else HELD
     return Verdict(outcome, results)

@@ -103,7 +103,8 @@ def conclude(lab: Lab, size: str, lab_dir: Path, command: str, sweep: str = "") 
     write_atomic(lab_dir / VERDICT_FILE, json.dumps({
         "lab": lab.name, "size": size, "verdict": verdict.outcome,
         "checks": [{"check": r.check.describe(lab.factor), "outcome": r.outcome, "passed": r.passed, "judged": r.judged,
-                    "missing_seeds": r.missing, "values": r.left, "compared_with": r.right} for r in verdict.results],
+                    "missing_seeds": r.missing, "values": r.left, "other_level_values": r.other,
+                    "compared_with": r.right} for r in verdict.results],
     }, indent=2) + "\n")
     colour = _COLOUR.get(verdict.outcome, "yellow")
     console.print(f"[bold {colour}]{lab.name}: {verdict.outcome}[/bold {colour}] · "

@@ -21,6 +21,8 @@ from dlrun.error_boundary import (  # before main() sets HYDRA_FULL_ERROR
     as_user_error,
     exit_for,
 )
+from dlrun.lab.runner import is_lab_command
+from dlrun.lab.runner import main as run_lab
 from dlrun.rundir import RunDir, RunInterrupted, check_output_root_writable
 from dlrun.sweep.space import check_search_space
 from dlrun.sweep.summary import end_of_sweeps
@@ -59,6 +61,11 @@ def main() -> None:
         return
     # Make Hydra raise instead of printing and exiting 1, so that dlrun can render the error itself.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    if is_lab_command(sys.argv[1:]):  # `dlrun lab=...` runs a sweep of its own (dlrun/lab/)
+        try:
+            sys.exit(run_lab(sys.argv[1:]))
+        except Exception as err:
+            exit_for(err, as_user_error(err))
     try:
         sys.argv[1:] = expand_resume(sys.argv[1:])
         check_output_root_writable(sys.argv[1:])

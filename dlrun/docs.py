@@ -74,6 +74,7 @@ def print_help() -> None:
         "  dlrun debug=fast                         one short epoch, any combination\n"
         "  dlrun -m model=mlp,cnn optim=sgd,adam    grid sweep\n"
         "  dlrun --cfg job                          the composed config with every key, nothing trained\n"
+        "  dlrun lab=list                           the notes' claims as labs: dlrun lab=xor runs one\n"
         "  dlrun --hydra-help                       Hydra's own flags\n"
         "Your own configs: hydra.searchpath=[file:///path/to/conf]. Tracebacks: HYDRA_FULL_ERROR=1.",
         markup=False,

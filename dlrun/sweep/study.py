@@ -45,7 +45,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 class SearchSpace:
     """What the sweep overrides ask for: Optuna distributions for the swept keys, plain values for the rest.
 
-    interval(a,b) is uniform over [a, b] (integers when both bounds are), tag(log, interval(a,b)) log-uniform,
+    interval(a,b) is uniform over the real numbers in [a, b], tag(log, interval(a,b)) log-uniform,
     range(start,stop,step) the values Hydra's range gives (stop excluded), choice(...) and a,b,c categorical.
     """
 
@@ -89,10 +89,7 @@ class SearchSpace:
 def _distribution(override: Override) -> BaseDistribution:
     value = override.value()
     if isinstance(value, IntervalSweep):
-        log = "log" in value.tags
-        if isinstance(value.start, int) and isinstance(value.end, int):
-            return IntDistribution(int(value.start), int(value.end), log=log)
-        return FloatDistribution(float(value.start), float(value.end), log=log)
+        return FloatDistribution(float(value.start), float(value.end), log="log" in value.tags)  # Hydra: floats
     if isinstance(value, RangeSweep) and not value.shuffle:
         values = list(override.sweep_iterator())
         if all(isinstance(v, int) for v in values):

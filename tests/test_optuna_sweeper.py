@@ -1,0 +1,144 @@
+"""dlrun's Optuna sweeper (hydra_plugins/dlrun_launcher/dlrun_sweeper.py, dlrun/sweep/study.py): the search-space
+grammar, the study in its SQLite storage, pruning, resume, and trials asked as launcher slots free."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from dlrun.errors import UserError
+from dlrun.sweep.launcher import Job, run_jobs
+from dlrun.sweep.study import STUDY_FILE, SearchSpace
+
+QUIET = ["print_config=false", "callbacks.progress_bar=false", "callbacks.model_summary=false"]
+
+
+def _sweep_dir(output_dir: Path) -> Path:
+    (sweep_dir,) = [p for p in (output_dir / "sweeps").iterdir() if p.is_dir()]
+    return sweep_dir
+
+
+def _study(sweep_dir: Path) -> optuna.Study:
+    return optuna.load_study(study_name=sweep_dir.name, storage=f"sqlite:///{sweep_dir / STUDY_FILE}")
+
+
+def _summaries(sweep_dir: Path) -> dict[int, dict]:
+    found = (json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json"))
+    return {s["sweep_job"]["num"]: s for s in found}
+
+
+def test_the_search_space_grammar_reaches_optuna_as_distributions():
+    space = SearchSpace.from_overrides([
+        "optim.lr=tag(log,interval(1e-4,1e-1))", "model.dropout=interval(0,0.5)", "model.depth=interval(1,4)",
+        "model.width=range(32,257,32)", "model=mlp,cnn", "optim=choice(sgd,adam)", "print_config=false",
+    ])
+    d = space.distributions
+    assert d["optim.lr"] == FloatDistribution(1e-4, 1e-1, log=True)
+    assert d["model.dropout"] == FloatDistribution(0.0, 0.5)
+    assert d["model.depth"] == FloatDistribution(1.0, 4.0)  # an interval is real numbers: range(1,5) for integers
+    assert d["model.width"] == IntDistribution(32, 256, step=32)  # Hydra's range: the stop is left out
+    assert d["model"] == CategoricalDistribution(["mlp", "cnn"]) and d["optim"] == CategoricalDistribution(["sgd", "adam"])
+    assert space.fixed == ["print_config=false"]  # as typed
+    assert space.overrides({"optim.lr": 0.01, "model": "cnn"}) == ["optim.lr=0.01", "model=cnn", "print_config=false"]
+
+
+@pytest.mark.parametrize(("sampler", "overrides", "message"), [
+    ("cmaes", ["optim.lr=tag(log,interval(1e-4,1e-1))", "model=mlp,cnn"], "cannot search the choice(s) model"),
+    ("cmaes", ["optim.lr=tag(log,interval(1e-4,1e-1))"], "needs at least two ranges; this sweep has 1 (optim.lr)"),
+    ("qmc", ["model=mlp,cnn"], "needs at least one range"),
+])
+def test_samplers_refuse_a_space_they_cannot_search(sampler, overrides, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        SearchSpace.from_overrides(overrides).check_sampler(sampler)
+    two_ranges = SearchSpace.from_overrides(["optim.lr=tag(log,interval(1e-4,1e-1))", "model.dropout=interval(0,0.5)"])
+    two_ranges.check_sampler(sampler)  # both take two ranges
+
+
+def test_a_trial_is_asked_for_as_soon_as_a_slot_frees(tmp_path):
+    """run_jobs reads its jobs one at a time: with two slots, the third job is asked for when the quick second
+    one ends, while the slow first one still runs (a batch of two would wait for the slow one)."""
+    asked_at: dict[int, float] = {}
+    command = {0: "import time; time.sleep(4)", 1: "pass", 2: "pass"}
+
+    def jobs():
+        for num in range(3):
+            asked_at[num] = time.time()
+            yield Job(num, [], tmp_path / str(num), [sys.executable, "-c", command[num]])
+
+    results = run_jobs(jobs(), n_jobs=2)
+    finished = {num: results[num].sweep_job["process_finished_at"] for num in results}
+    started = {num: results[num].sweep_job["process_started_at"] for num in results}
+    assert started[2] >= finished[1] and started[2] < finished[0]  # ISO timestamps, UTC: they sort as times
+    assert asked_at[2] > asked_at[1]
+
+
+@pytest.mark.slow
+def test_cmaes_on_a_choice_is_refused_before_any_job(run_dlrun):
+    result = run_dlrun("-m", "sweep=cmaes", "sweep.n_trials=2", "optim.lr=tag(log,interval(1e-4,1e-1))",
+                       "model=mlp,cnn", "debug=fast", check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    out = result.stdout + result.stderr
+    assert "sweep=cmaes cannot search the choice(s) model" in out and "Traceback" not in out
+    assert not any((result.output_dir / "sweeps").glob("*/*/summary.json"))
+
+
+@pytest.mark.slow
+def test_asha_prunes_poor_trials_and_the_study_records_every_trial(run_dlrun):
+    """Seed 0 draws lr 1e-5, 0.05, 1e-5: the third job is far behind the second after two epochs, and ASHA
+    stops it; its summary says pruned (and when), it keeps its last checkpoint, and the sweep succeeds."""
+    result = run_dlrun("-m", "sweep=random", "sweep.n_trials=3", "sweep.seed=0", "sweep.pruner=asha",
+                       "optim.lr=choice(0.05,0.00001)", "dataset.n_train=300", "trainer.max_epochs=30",
+                       "callbacks.early_stopping.enabled=false", *QUIET)
+    sweep_dir = _sweep_dir(result.output_dir)
+    jobs = _summaries(sweep_dir)
+    assert [jobs[n]["overrides"][0] for n in range(3)] == ["optim.lr=1e-05", "optim.lr=0.05", "optim.lr=1e-05"]
+    assert [jobs[n]["status"] for n in range(3)] == ["completed", "completed", "pruned"]
+    pruned = jobs[2]
+    assert 1 <= pruned["pruned"]["epoch"] < 29 and pruned["epochs"] < 30
+    assert Path(pruned["checkpoints"]["last"]).is_file()
+    assert "pruned after epoch" in result.stdout
+
+    trials = sorted(_study(sweep_dir).trials, key=lambda t: t.number)
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    for trial in trials:
+        job = jobs[trial.user_attrs["job"]]
+        assert trial.params["optim.lr"] == float(job["overrides"][0].split("=")[1])
+        assert Path(trial.user_attrs["job_dir"]).name == Path(job["run_dir"]).name
+        if trial.state == TrialState.COMPLETE:
+            assert trial.value == pytest.approx(job["best_value"])
+            assert len(trial.intermediate_values) == 30  # every epoch reported
+    assert max(trials[2].intermediate_values) >= pruned["pruned"]["epoch"]
+    document = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    assert document["counts"] == {"completed": 2, "pruned": 1}
+
+
+@pytest.mark.slow
+def test_resume_continues_the_study_and_reruns_only_what_was_left_running(run_dlrun):
+    lr = "optim.lr=tag(log,interval(1e-3,1e-1))"
+    first = run_dlrun("-m", "sweep=tpe", "sweep.n_trials=2", "sweep.n_startup_trials=2", lr, "debug=fast", *QUIET)
+    sweep_dir = _sweep_dir(first.output_dir)
+    before = _summaries(sweep_dir)
+    # a sweep killed while a job ran leaves that trial RUNNING: ask one here, as that sweep did, and never tell it
+    study = _study(sweep_dir)
+    left = study.ask({"optim.lr": FloatDistribution(1e-3, 1e-1, log=True)})
+    left.set_user_attr("job", left.number)
+
+    run_dlrun("-m", "sweep=tpe", "sweep.n_trials=4", "sweep.n_startup_trials=2", lr, "debug=fast", *QUIET,
+              f"sweep.resume={sweep_dir}")
+    after = _summaries(sweep_dir)
+    for num in (0, 1):  # completed: not run again
+        assert after[num]["sweep_job"]["process_started_at"] == before[num]["sweep_job"]["process_started_at"]
+    trials = sorted(_study(sweep_dir).trials, key=lambda t: t.number)
+    states = [t.state for t in trials]
+    assert states.count(TrialState.COMPLETE) == 4 and states.count(TrialState.FAIL) == 1  # the stale one, closed
+    rerun = next(t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs["job"] == left.number)
+    assert rerun.number != left.number and rerun.params == left.params  # the same job, asked again
+    assert after[left.number]["status"] == "completed"
+    assert sorted(after) == sorted({t.user_attrs["job"] for t in trials})

@@ -4,6 +4,8 @@ grammar, the study in its SQLite storage, pruning, resume, and trials asked as l
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -142,3 +144,26 @@ def test_resume_continues_the_study_and_reruns_only_what_was_left_running(run_dl
     assert rerun.number != left.number and rerun.params == left.params  # the same job, asked again
     assert after[left.number]["status"] == "completed"
     assert sorted(after) == sorted({t.user_attrs["job"] for t in trials})
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_in_a_journal_file(tmp_path):
+    """The same command started twice on one journal file, study name and sweep directory: both workers
+    ask and tell the one study until it holds sweep.n_trials jobs, each job in its own directory."""
+    journal, sweep_dir = tmp_path / "study.log", tmp_path / "sweep"
+    env = {**os.environ, "DLRUN_OUTPUT_DIR": str(tmp_path / "outputs"), "COLUMNS": "120"}
+    command = [sys.executable, "-m", "dlrun.cli", "-m", "sweep=random", "sweep.n_trials=4", f"sweep.storage={journal}",
+               "sweep.study_name=shared", f"hydra.sweep.dir={sweep_dir}", "optim.lr=tag(log,interval(1e-3,1e-1))",
+               "debug=fast", *QUIET]
+    workers = [subprocess.Popen([*command, f"sweep.seed={seed}"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for seed in (1, 2)]
+    outputs = [worker.communicate(timeout=900)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    study = optuna.load_study(study_name="shared",
+                              storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal))))
+    trials = study.trials
+    assert 4 <= len(trials) <= 5  # two workers asking at the same moment may both take the last one
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert sorted(_summaries(sweep_dir)) == sorted(t.number for t in trials)  # one directory per trial
+    assert all("✓ job" in out for out in outputs), outputs  # both workers ran trials
+    assert not (sweep_dir / STUDY_FILE).exists()  # the journal holds the study

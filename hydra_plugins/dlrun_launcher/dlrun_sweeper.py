@@ -86,14 +86,20 @@ class DlrunOptunaSweeper(Sweeper):
         # again; QMC's points follow the trial count already, and its seed picks the sequence
         if already and seed is not None and self.sampler.func is not optuna.samplers.QMCSampler:
             study.sampler = self.sampler(seed=seed + already)
-        to_ask = max(0, self.n_trials - jobs_in(study)) + len(study.get_trials(states=(optuna.trial.TrialState.WAITING,)))
         if isinstance(self.launcher, DlrunLauncher):
-            self._ask_as_slots_free(study, space, to_ask, pruning)
+            self._ask_as_slots_free(study, space, pruning)
         else:
-            self._ask_in_batches(study, space, to_ask)
+            self._ask_in_batches(study, space)
         self._write_results(study, sweep_dir)
 
-    def _ask_as_slots_free(self, study: optuna.Study, space: SearchSpace, to_ask: int, pruning: bool) -> None:
+    def _to_ask(self, study: optuna.Study) -> int:
+        """Trials still to ask: queued ones, and new ones until the study holds sweep.n_trials jobs. Asked
+        again before every trial, so that workers sharing a study (the same storage and study name) stop
+        together, at n_trials (give or take the trials asked at the same moment)."""
+        waiting = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+        return waiting + max(0, self.n_trials - jobs_in(study))
+
+    def _ask_as_slots_free(self, study: optuna.Study, space: SearchSpace, pruning: bool) -> None:
         """dlrun's launcher: one trial per free slot; each running job reports to its trial, told as it ends."""
         assert isinstance(self.launcher, DlrunLauncher) and self.config is not None
         trials: dict[int, optuna.Trial] = {}
@@ -101,7 +107,7 @@ class DlrunOptunaSweeper(Sweeper):
         monitor = str(self.config.callbacks.monitor)
 
         def asked() -> Iterator[tuple[int, list[str]]]:
-            for _ in range(to_ask):
+            while self._to_ask(study) > 0:
                 trial = study.ask(space.distributions)
                 num = job_number(trial)
                 trial.set_user_attr("job", num)
@@ -122,11 +128,12 @@ class DlrunOptunaSweeper(Sweeper):
 
         self.launcher.launch_each(asked(), done, prune if pruning else None)
 
-    def _ask_in_batches(self, study: optuna.Study, space: SearchSpace, to_ask: int) -> None:
-        """Another launcher (SLURM, Hydra's basic): batches of hydra.launcher.n_jobs trials, told together."""
+    def _ask_in_batches(self, study: optuna.Study, space: SearchSpace) -> None:
+        """Another launcher (SLURM, Hydra's basic): batches of the jobs it runs at once, told together."""
         assert self.launcher is not None and self.config is not None
-        batch = int(OmegaConf.select(self.config, "hydra.launcher.n_jobs", default=1) or 1)
-        while to_ask > 0:
+        launcher = self.config.hydra.launcher
+        batch = int(launcher.get("n_jobs") or launcher.get("array_parallelism") or 1)
+        while (to_ask := self._to_ask(study)) > 0:
             trials = [study.ask(space.distributions) for _ in range(min(batch, to_ask))]
             for trial in trials:
                 trial.set_user_attr("job", job_number(trial))
@@ -137,7 +144,6 @@ class DlrunOptunaSweeper(Sweeper):
                 summary = RunSummary(status="completed" if isinstance(value, (int, float)) else "failed",
                                      best_value=float(value) if isinstance(value, (int, float)) else None)
                 tell(study, trial, summary)
-            to_ask -= len(trials)
 
     def _write_results(self, study: optuna.Study, sweep_dir: Path) -> None:
         """optimization_results.yaml: the best trial's parameters and value (none when no trial completed)."""

@@ -124,6 +124,13 @@ def open_study(storage: str | optuna.storages.BaseStorage, name: str, direction:
                         "file (sweep.storage=/shared/study.log).", title="Cannot open the study") from err
 
 
+def ask(study: optuna.Study, space: SearchSpace) -> optuna.Trial:
+    """The next trial (a queued one first), labelled with the job number it runs as."""
+    trial = study.ask(space.distributions)
+    trial.set_user_attr(_JOB, job_number(trial))
+    return trial
+
+
 def job_number(trial: optuna.trial.BaseTrial) -> int:
     """The job a trial runs as: its own number, or the job it takes over from an interrupted sweep."""
     return int(trial.user_attrs.get(_JOB, trial.number))

@@ -32,6 +32,7 @@ from dlrun.sweep.launcher import Job
 from dlrun.sweep.study import (
     Progress,
     SearchSpace,
+    ask,
     job_number,
     jobs_in,
     open_study,
@@ -108,11 +109,9 @@ class DlrunOptunaSweeper(Sweeper):
 
         def asked() -> Iterator[tuple[int, list[str]]]:
             while self._to_ask(study) > 0:
-                trial = study.ask(space.distributions)
-                num = job_number(trial)
-                trial.set_user_attr("job", num)
-                trials[num] = trial
-                yield num, space.overrides(trial.params)
+                trial = ask(study, space)
+                trials[job_number(trial)] = trial
+                yield job_number(trial), space.overrides(trial.params)
 
         def prune(job: Job) -> dict[str, Any] | None:
             if job.num not in progress:
@@ -134,9 +133,7 @@ class DlrunOptunaSweeper(Sweeper):
         launcher = self.config.hydra.launcher
         batch = int(launcher.get("n_jobs") or launcher.get("array_parallelism") or 1)
         while (to_ask := self._to_ask(study)) > 0:
-            trials = [study.ask(space.distributions) for _ in range(min(batch, to_ask))]
-            for trial in trials:
-                trial.set_user_attr("job", job_number(trial))
+            trials = [ask(study, space) for _ in range(min(batch, to_ask))]
             returns = self.launcher.launch([space.overrides(t.params) for t in trials],
                                            initial_job_idx=job_number(trials[0]))
             for trial, ret in zip(trials, returns, strict=True):

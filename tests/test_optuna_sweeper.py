@@ -82,12 +82,16 @@ def test_a_trial_is_asked_for_as_soon_as_a_slot_frees(tmp_path):
 
 
 @pytest.mark.slow
-def test_cmaes_on_a_choice_is_refused_before_any_job(run_dlrun):
-    result = run_dlrun("-m", "sweep=cmaes", "sweep.n_trials=2", "optim.lr=tag(log,interval(1e-4,1e-1))",
-                       "model=mlp,cnn", "debug=fast", check=False)
+@pytest.mark.parametrize(("args", "says"), [
+    (["sweep=cmaes", "model=mlp,cnn"], "sweep=cmaes cannot search the choice(s) model"),
+    (["sweep=random", "sweep.pruner=asha", "logger=tensorboard"], "sweep.pruner=asha reads every job's metrics.csv"),
+], ids=["cmaes-on-a-choice", "pruning-without-metrics-csv"])
+def test_a_sweep_the_sweeper_cannot_run_is_refused_before_any_job(run_dlrun, args, says):
+    result = run_dlrun("-m", *args, "sweep.n_trials=2", "optim.lr=tag(log,interval(1e-4,1e-1))", "debug=fast",
+                       check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     out = result.stdout + result.stderr
-    assert "sweep=cmaes cannot search the choice(s) model" in out and "Traceback" not in out
+    assert says in out and "Traceback" not in out
     assert not any((result.output_dir / "sweeps").glob("*/*/summary.json"))
 
 

@@ -11,6 +11,7 @@ launcher slot frees, and tells it when its job ends; a job reports its monitored
 
 from __future__ import annotations
 
+import csv
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -183,7 +184,10 @@ class Progress:
         if self._seen == (stat.st_mtime_ns, stat.st_size):
             return None
         self._seen = (stat.st_mtime_ns, stat.st_size)
-        columns = read_metrics(self.path)  # rewritten atomically by the job: never half a file
+        try:
+            columns = read_metrics(self.path)  # rewritten atomically by the job: never half a file
+        except (OSError, ValueError, csv.Error):  # gone, or not what a dlrun job writes: nothing to report
+            return None
         newest = None
         for epoch, value in zip(columns.get("epoch", []), columns.get(self.monitor, []), strict=False):
             if math.isfinite(value) and int(epoch) not in self._reported:

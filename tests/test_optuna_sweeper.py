@@ -171,3 +171,17 @@ def test_two_workers_share_one_study_in_a_journal_file(tmp_path):
     assert sorted(_summaries(sweep_dir)) == sorted(t.number for t in trials)  # one directory per trial
     assert all("✓ job" in out for out in outputs), outputs  # both workers ran trials
     assert not (sweep_dir / STUDY_FILE).exists()  # the journal holds the study
+
+
+@pytest.mark.slow
+def test_another_launcher_gets_the_trials_in_batches(run_dlrun):
+    """hydra/launcher=basic (jobs in the sweep's process) has no launch_each: the sweeper hands it batches
+    through Hydra's launch and tells the study what each job returned."""
+    result = run_dlrun("-m", "hydra/launcher=basic", "sweep=random", "sweep.n_trials=2",
+                       "optim.lr=tag(log,interval(1e-3,1e-1))", "debug=fast", *QUIET)
+    sweep_dir = _sweep_dir(result.output_dir)
+    trials = _study(sweep_dir).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 and [t.user_attrs["job"] for t in trials] == [0, 1]
+    for trial in trials:
+        (summary,) = sweep_dir.glob(f"{trial.number}_*/summary.json")
+        assert trial.value == pytest.approx(json.loads(summary.read_text())["best_value"])

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
+from dlrun.curves import write_curves
 from dlrun.run_summary import RunSummary
 from dlrun.rundir import RunDir, read_summary_file
 
@@ -244,8 +245,6 @@ def _record_failure(job: Job, error: str, process: dict[str, Any] | None, summar
 def _record_pruned(job: Job, pruned: dict[str, Any], process: dict[str, Any], summary: RunSummary | None) -> RunSummary:
     """Write the summary.json of a job its sweeper's pruner stopped (the job itself wrote `interrupted`), and
     redraw its curves.png, which marks the epoch it stopped at."""
-    from dlrun.curves import write_curves  # matplotlib: only when a job was pruned
-
     record = _launcher_record(job, process, summary)
     record.status, record.pruned = "pruned", pruned
     RunDir(job.job_dir).write_summary(record)

@@ -12,9 +12,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from dlrun import CONF_DIR
 from dlrun.errors import UserError
 from dlrun.sweep.launcher import Job, run_jobs
 from dlrun.sweep.study import STUDY_FILE, SearchSpace
@@ -185,3 +189,22 @@ def test_another_launcher_gets_the_trials_in_batches(run_dlrun):
     for trial in trials:
         (summary,) = sweep_dir.glob(f"{trial.number}_*/summary.json")
         assert trial.value == pytest.approx(json.loads(summary.read_text())["best_value"])
+
+
+@pytest.mark.parametrize("sweep", ["random", "tpe", "qmc", "cmaes"])
+def test_every_sampler_option_builds_its_sampler_and_searches_two_ranges(sweep):
+    """conf/hydra/sweeper/sampler/<name>.yaml, as the sweeper gets it (a partial it seeds), asks and is told."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        startup = ["sweep.n_startup_trials=1"] if sweep in ("tpe", "cmaes") else []  # their model after one trial
+        cfg = compose("config", overrides=[f"sweep={sweep}", *startup], return_hydra_config=True)
+    sampler = instantiate(cfg.hydra.sweeper.sampler)
+    assert sampler.func.__name__.lower().startswith({"cmaes": "cmaes", "qmc": "qmc"}.get(sweep, sweep))
+    space = SearchSpace.from_overrides(["optim.lr=tag(log,interval(1e-4,1e-1))", "model.dropout=interval(0,0.5)"])
+    space.check_sampler(sweep)
+    study = optuna.create_study(sampler=sampler(seed=3))
+    for _ in range(4):
+        trial = study.ask(space.distributions)
+        study.tell(trial, trial.params["optim.lr"] + trial.params["model.dropout"])
+    assert all(1e-4 <= t.params["optim.lr"] <= 1e-1 and 0 <= t.params["model.dropout"] <= 0.5 for t in study.trials)
+    assert len({t.params["optim.lr"] for t in study.trials}) == 4

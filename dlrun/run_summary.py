@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 SCHEMA_VERSION = 1  # what this dlrun writes; a file without the key was written before versions (0)
-STATUSES = ("running", "completed", "failed", "diverged", "interrupted")
+STATUSES = ("running", "completed", "failed", "diverged", "interrupted", "pruned")  # pruned: a sweep's pruner stopped it
 RESUMABLE = ("running", "failed", "interrupted")  # "running": the process was killed before it could say
 
 
@@ -51,6 +51,7 @@ class RunSummary:
     best_epoch: int | None = None
     epochs: int | None = None
     diverged: dict[str, Any] | None = None  # {step, epoch, loss, reason} of a diverged run
+    pruned: dict[str, Any] | None = None  # {epoch, value} of a sweep job its sweeper's pruner stopped
     error: str | None = None  # a failed run's exception (or a sweep job's last output lines)
     startup_seconds: float | None = None  # process start to first training step
     global_step: int | None = None

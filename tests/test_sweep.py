@@ -18,13 +18,13 @@ import torch.nn.functional as F
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 from omegaconf import OmegaConf
 
 from dlrun import CONF_DIR
 from dlrun.run import build_experiment
 from dlrun.sweep import summary as sweep_summary
 from dlrun.sweep.launcher import Job, run_jobs
+from dlrun.sweep.study import SearchSpace
 
 FAST = ["debug=fast", "dataset.n_train=300"]
 
@@ -153,9 +153,10 @@ def test_random_search_samples_log_scale_and_tpe_maximizes_the_monitor(run_dlrun
 
 def test_log_interval_override_is_a_log_uniform_search_space():
     """The command-line syntax reaches Optuna as a log-uniform distribution: samples spread over decades."""
-    space, fixed = create_params_from_overrides(["optim.lr=tag(log,interval(1e-4,1e-1))", "model.width=choice(64,128)"])
-    assert isinstance(space["optim.lr"], optuna.distributions.LogUniformDistribution)
-    assert space["model.width"].choices == (64, 128) and fixed == {}
+    parsed = SearchSpace.from_overrides(["optim.lr=tag(log,interval(1e-4,1e-1))", "model.width=choice(64,128)"])
+    space, fixed = parsed.distributions, parsed.fixed
+    assert isinstance(space["optim.lr"], optuna.distributions.FloatDistribution) and space["optim.lr"].log
+    assert space["model.width"].choices == (64, 128) and fixed == []
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     samples = [study.ask({"lr": space["optim.lr"]}).params["lr"] for _ in range(300)]
     decades = [sum(10.0**e <= s < 10.0 ** (e + 1) for s in samples) for e in (-4, -3, -2)]
@@ -231,7 +232,8 @@ def test_sweep_config_group_and_unique_sweep_dirs():
         resumed = compose("config", overrides=["sweep.resume=/tmp/old_sweep"], return_hydra_config=True)
     assert cfg.hydra.sweeper.sampler._target_ == "optuna.samplers.TPESampler"
     assert cfg.hydra.sweeper.direction == "maximize" and cfg.hydra.sweeper.n_trials == cfg.sweep.n_trials
-    assert cfg.hydra.sweeper.max_failure_rate == 1.0
+    assert cfg.hydra.sweeper._target_ == "hydra_plugins.dlrun_launcher.dlrun_sweeper.DlrunOptunaSweeper"
+    assert cfg.hydra.sweeper.storage is None and cfg.hydra.sweeper.pruner == "none"  # <sweep dir>/optuna.db, no pruning
     assert cfg.hydra.launcher._target_ == "hydra_plugins.dlrun_launcher.dlrun_launcher.DlrunLauncher"
     assert first.hydra.sweep.dir != second.hydra.sweep.dir  # composed microseconds apart
     assert first.hydra.sweep.dir.rsplit("_", 1)[1].isdigit() and len(first.hydra.sweep.dir.rsplit("_", 1)[1]) == 6

@@ -1,6 +1,7 @@
-"""Sweeps: every job in its own process (`launcher.py`), and one summary of a sweep directory (`summary.py`).
+"""Sweeps: every job in its own process (`launcher.py`), the Optuna study of random/tpe/qmc/cmaes searches
+(`study.py`), and one summary of a sweep directory (`summary.py`).
 
-Hydra's side of the launcher lives in `hydra_plugins/dlrun_launcher/`, where Hydra looks for plugins;
+Hydra's side of the launcher and the sweeper lives in `hydra_plugins/dlrun_launcher/`, where Hydra looks for plugins;
 it imports this package, which registers the resolver that `conf/hydra/default.yaml` uses.
 """
 

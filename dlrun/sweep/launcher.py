@@ -15,12 +15,13 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
+from dlrun.curves import write_curves
 from dlrun.run_summary import RunSummary
 from dlrun.rundir import RunDir, read_summary_file
 
@@ -61,6 +62,7 @@ class _Running:
     started_at: str
     stopping_since: float | None = None
     timed_out: bool = False
+    pruned: dict[str, Any] | None = None  # {epoch, value}: the sweeper's pruner stopped it
 
 
 def completed_summary(job_dir: Path) -> RunSummary | None:
@@ -100,23 +102,28 @@ def visible_gpus(gpus: Sequence[int | str] | None) -> list[str]:
 
 
 def run_jobs(
-    jobs: Sequence[Job],
+    jobs: Iterable[Job],
     n_jobs: int = 1,
     gpus: Sequence[str] = (),
     jobs_per_gpu: int = 1,
     timeout: float | None = None,
     env: dict[str, str] | None = None,
     on_done: Callable[[Job, RunSummary], None] | None = None,
+    prune: Callable[[Job], dict[str, Any] | None] | None = None,
 ) -> dict[int, RunSummary]:
     """Run `jobs`, at most `n_jobs` at once, and return {job number: its final summary}.
 
+    `jobs` is read one job at a time, when a slot frees: an Optuna sweeper hands out each trial only then.
     With GPUs, each job sees one of them (CUDA_VISIBLE_DEVICES), handed out round robin to at most
-    `jobs_per_gpu` jobs each. A job running longer than `timeout` seconds is stopped. On an interrupt
-    (Ctrl-C) every running job is stopped before the interrupt goes on.
+    `jobs_per_gpu` jobs each. A job running longer than `timeout` seconds is stopped. `prune`, asked at
+    every poll about each running job, stops it like a timeout (SIGTERM: it keeps its last checkpoint)
+    when it returns {epoch, value}, and the job is recorded as `pruned`. On an interrupt (Ctrl-C) every
+    running job is stopped before the interrupt goes on.
     """
     slots = min(n_jobs, len(gpus) * jobs_per_gpu) if gpus else n_jobs
     load = dict.fromkeys(gpus, 0)
-    waiting = list(jobs)
+    waiting = iter(jobs)
+    exhausted = False
     running: list[_Running] = []
     results: dict[int, RunSummary] = {}
     next_gpu = 0
@@ -127,9 +134,12 @@ def run_jobs(
             on_done(job, summary)
 
     try:
-        while waiting or running:
-            while waiting and len(running) < slots:
-                job = waiting.pop(0)
+        while not exhausted or running:
+            while not exhausted and len(running) < slots:
+                job = next(waiting, None)
+                if job is None:
+                    exhausted = True
+                    break
                 if job.command is None:
                     finish(job, _record_failure(job, job.error or "the job could not be composed", None, None))
                     continue
@@ -144,6 +154,11 @@ def run_jobs(
             for run in list(running):
                 if run.process.poll() is None:
                     _enforce_timeout(run, timeout)
+                    if prune is not None and run.stopping_since is None:
+                        run.pruned = prune(run.job)
+                        if run.pruned is not None:
+                            run.stopping_since = time.time()
+                            _stop(run, force=False)
                     continue
                 running.remove(run)
                 if run.gpu is not None:
@@ -171,9 +186,8 @@ def _start(job: Job, gpu: str | None, env: dict[str, str] | None) -> _Running:
 
 
 def _enforce_timeout(run: _Running, timeout: float | None) -> None:
-    if timeout is None:
-        return
-    if run.stopping_since is None and time.time() - run.started > timeout:
+    """Stop a job past its time; kill one that was asked to stop (timed out, pruned) and has not, after a grace."""
+    if run.stopping_since is None and timeout is not None and time.time() - run.started > timeout:
         run.timed_out = True
         run.stopping_since = time.time()
         _stop(run, force=False)
@@ -203,6 +217,8 @@ def _collect(run: _Running) -> RunSummary:
         "process_seconds": round(time.time() - run.started, 3),
     }
     summary = RunDir(job.job_dir).read_summary_if_any()
+    if run.pruned is not None and not (summary is not None and summary.status == "completed"):
+        return _record_pruned(job, run.pruned, process, summary)
     if summary is not None and code == 0:
         summary.sweep_job = process
         RunDir(job.job_dir).write_summary(summary)
@@ -219,19 +235,36 @@ def _collect(run: _Running) -> RunSummary:
 
 def _record_failure(job: Job, error: str, process: dict[str, Any] | None, summary: RunSummary | None) -> RunSummary:
     """Write (or complete) the summary.json of a job that failed, and return it."""
+    record = _launcher_record(job, process, summary)
+    record.status = "failed"
+    record.error = record.error + "\n" + error if record.error else error
+    RunDir(job.job_dir).write_summary(record)
+    return record
+
+
+def _record_pruned(job: Job, pruned: dict[str, Any], process: dict[str, Any], summary: RunSummary | None) -> RunSummary:
+    """Write the summary.json of a job its sweeper's pruner stopped (the job itself wrote `interrupted`), and
+    redraw its curves.png, which marks the epoch it stopped at."""
+    record = _launcher_record(job, process, summary)
+    record.status, record.pruned = "pruned", pruned
+    RunDir(job.job_dir).write_summary(record)
+    if (job.job_dir / "metrics.csv").is_file():
+        write_curves(job.job_dir, record.to_json())
+    return record
+
+
+def _launcher_record(job: Job, process: dict[str, Any] | None, summary: RunSummary | None) -> RunSummary:
+    """The job's summary as far as the launcher knows it, for a job that did not end on its own terms."""
     now = _now()
-    # what the job itself wrote before it died wins over the launcher's guesses
+    # what the job itself wrote before it stopped wins over the launcher's guesses
     record = summary or RunSummary(monitor=job.monitor, mode=job.mode, overrides=job.overrides)
     record.run_dir = record.run_dir or str(job.job_dir)
     record.started_at = record.started_at or (process["process_started_at"] if process else now)
     record.finished_at = record.finished_at or (process["process_finished_at"] if process else now)
     if record.wall_seconds is None:
         record.wall_seconds = process["process_seconds"] if process else 0.0
-    record.status = "failed"
-    record.error = record.error + "\n" + error if record.error else error
     if process is not None:
         record.sweep_job = process
-    RunDir(job.job_dir).write_summary(record)
     return record
 
 

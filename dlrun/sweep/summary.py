@@ -224,6 +224,7 @@ def print_summary(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
         table.add_column(column, justify="left" if column in ("status", *keys) else "right")
     for i, r in enumerate(ranked(rows, mode)):
         status = {"completed": "[green]completed[/green]", "failed": "[red]failed[/red]",
+                  "pruned": "[yellow]pruned[/yellow]",  # a result: the pruner stopped it after `epochs`
                   "unreadable": "[yellow]unreadable[/yellow]"}.get(r["status"], r["status"])
         table.add_row(
             str(r["job"]), *(show_value(r["params"].get(k)) for k in keys), status,

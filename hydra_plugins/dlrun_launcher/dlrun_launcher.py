@@ -4,7 +4,8 @@ Hydra's basic launcher runs every job inside the sweep's own process: one job's 
 kill, W&B run or DDP re-launch then spoils the rest. This launcher composes each job's config here
 (a job whose overrides cannot be composed fails alone, before any process starts), then runs the job
 as a plain `dlrun` run in a fresh process (`dlrun.sweep.launcher`), and answers the sweeper with the
-job's best monitored value, which is what the Optuna sweeper optimizes.
+job's best monitored value, which is what the Optuna sweeper optimizes (`launch_each` hands it each
+result as the job ends, and lets it stop a job its pruner gives up on).
 
 Hydra only instantiates launchers defined under the `hydra_plugins` namespace package, hence this file;
 the machinery lives in `dlrun/sweep/`.
@@ -12,8 +13,7 @@ the machinery lives in `dlrun/sweep/`.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +82,58 @@ class DlrunLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
         parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
         self.fixed = {o.input_line for o in parsed if not o.is_sweep_override()}
-        if "optuna" in sys.modules:  # the Optuna sweeper's study: dlrun reports the jobs itself
-            optuna = sys.modules["optuna"]
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        sweep_dir, resume = self.sweep_dir()
+        gpus = visible_gpus(self.gpus)
+        self._announce(f"{len(job_overrides)} job(s)", gpus)
+        jobs: list[Job] = []
+        returns: dict[int, JobReturn] = {}
+        for num, overrides in enumerate(job_overrides, start=initial_job_idx):
+            job, earlier = self._job_to_run(num, overrides, sweep_dir, resume)
+            if earlier is not None:
+                returns[num] = _job_return(job, earlier)
+                continue
+            jobs.append(job)
+        results = run_jobs(jobs, self.n_jobs, gpus, self.jobs_per_gpu, self.timeout, env=traceback_env(),
+                           on_done=self._report)
+        returns.update({job.num: _job_return(job, results[job.num]) for job in jobs})
+        write_summary_files(sweep_dir)
+        return [returns[num] for num in sorted(returns)]
+
+    def launch_each(
+        self,
+        job_overrides: Iterable[tuple[int, Sequence[str]]],
+        on_done: Callable[[Job, RunSummary], None],
+        prune: Callable[[Job], dict[str, Any] | None] | None = None,
+    ) -> None:
+        """Run jobs as `job_overrides` hands them out, (number, overrides) one at a time when a slot frees,
+        and tell `on_done` each job's summary as soon as it ends: what an asking sweeper (Optuna's ask and
+        tell) needs, where `launch` takes a whole batch. `prune` may stop a running job (see run_jobs)."""
+        sweep_dir, resume = self.sweep_dir()
+        gpus = visible_gpus(self.gpus)
+        self._announce("jobs as trials are asked", gpus)
+
+        def jobs() -> Iterator[Job]:
+            for num, overrides in job_overrides:
+                job, earlier = self._job_to_run(num, overrides, sweep_dir, resume)
+                if earlier is not None:
+                    on_done(job, earlier)
+                else:
+                    yield job
+
+        def done(job: Job, summary: RunSummary) -> None:
+            self._report(job, summary)
+            on_done(job, summary)
+
+        try:
+            run_jobs(jobs(), self.n_jobs, gpus, self.jobs_per_gpu, self.timeout, env=traceback_env(), on_done=done,
+                     prune=prune)
+        finally:
+            write_summary_files(sweep_dir)
+
+    def sweep_dir(self) -> tuple[Path, bool]:
+        """The sweep's directory (made, and announced once), and whether the sweep resumes it."""
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
         resume = OmegaConf.select(self.config, "sweep.resume")
@@ -98,29 +145,26 @@ class DlrunLauncher(Launcher):
         if sweep_dir not in launched_sweeps:
             launched_sweeps.append(sweep_dir)
             console.print(f"[bold]sweep[/bold] {sweep_dir}" + (" (resumed)" if resume else ""))
-        gpus = visible_gpus(self.gpus)
+        return sweep_dir, bool(resume)
+
+    def _announce(self, what: str, gpus: list[str]) -> None:
         console.print(
-            f"{len(job_overrides)} job(s), {self.n_jobs} at a time" + (f" on GPUs {','.join(gpus)}" if gpus else "")
+            f"{what}, {self.n_jobs} at a time" + (f" on GPUs {','.join(gpus)}" if gpus else "")
             + (f" · every job: {' '.join(sorted(self.fixed))}" if self.fixed else ""), highlight=False,
         )
 
-        jobs: list[Job] = []
-        returns: dict[int, JobReturn] = {}
-        for num, overrides in enumerate(job_overrides, start=initial_job_idx):
-            # sweep.resume picks the sweep directory; the job itself is the same run as the first time
-            job = self._job(num, [o for o in overrides if not o.startswith("sweep.resume=")], sweep_dir)
-            earlier = completed_summary(job.job_dir) if resume else None
-            if earlier is not None:
-                self._report(job, earlier, note="completed earlier, skipped")
-                returns[num] = _job_return(job, earlier)
-                continue
+    def _job_to_run(self, num: int, overrides: Sequence[str], sweep_dir: Path,
+                    resume: bool) -> tuple[Job, RunSummary | None]:
+        """The job, and on resume its earlier summary when it completed (it is skipped, and reported so);
+        an unfinished earlier attempt is set aside."""
+        # sweep.resume picks the sweep directory; the job itself is the same run as the first time
+        job = self._job(num, [o for o in overrides if not o.startswith("sweep.resume=")], sweep_dir)
+        earlier = completed_summary(job.job_dir) if resume else None
+        if earlier is not None:
+            self._report(job, earlier, note="completed earlier, skipped")
+        else:
             set_aside(job.job_dir)
-            jobs.append(job)
-        results = run_jobs(jobs, self.n_jobs, gpus, self.jobs_per_gpu, self.timeout, env=traceback_env(),
-                           on_done=self._report)
-        returns.update({job.num: _job_return(job, results[job.num]) for job in jobs})
-        write_summary_files(sweep_dir)
-        return [returns[num] for num in sorted(returns)]
+        return job, earlier
 
     def _job(self, num: int, overrides: list[str], sweep_dir: Path) -> Job:
         """Compose the job's config (as Hydra's own launcher would) to name its directory and check it."""
@@ -153,6 +197,11 @@ class DlrunLauncher(Launcher):
         own = [o for o in job.overrides if o not in self.fixed]
         label = f"job {job.num} [cyan]{' '.join(own) or '(no overrides)'}[/cyan]"
         status = summary.status
+        if status == "pruned" and summary.pruned:
+            value = summary.pruned.get("value")
+            console.print(f"[yellow]✂[/yellow] {label} pruned after epoch {summary.pruned.get('epoch')}: "
+                          f"{summary.monitor} {format_value(value)}", highlight=False)
+            return
         if status == "failed":
             reason = (summary.error or "").strip().splitlines()[:1] or [""]
             console.print(f"[red]✗[/red] {label} failed: {reason[0]} · {job.job_dir / JOB_LOG}", highlight=False)

@@ -14,15 +14,16 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
 from dlrun.run_summary import RunSummary
-from dlrun.rundir import RunDir, read_summary_file
+from dlrun.rundir import RunDir, RunInterrupted
 
 JOB_LOG = "job.log"  # the job process's stdout and stderr
 ERROR_LINES = 15  # lines of output kept as the error of a job that could not write its own summary
@@ -49,6 +50,7 @@ class Job:
     error: str | None = None
     monitor: str | None = None  # what the job would optimize, for its summary if it cannot write one
     mode: str | None = None
+    continues: bool = False  # `command` continues an earlier attempt in `job_dir` (resume): its log goes on
 
 
 @dataclass
@@ -61,24 +63,6 @@ class _Running:
     started_at: str
     stopping_since: float | None = None
     timed_out: bool = False
-
-
-def completed_summary(job_dir: Path) -> RunSummary | None:
-    """The job's summary when it completed earlier (resume skips it), else None."""
-    summary = read_summary_file(job_dir / "summary.json")
-    return summary if summary is not None and summary.status == "completed" else None
-
-
-def set_aside(job_dir: Path) -> None:
-    """Move an earlier, unfinished attempt out of the way (into `.attempts/`), so a re-run starts clean."""
-    if not job_dir.exists():
-        return
-    attempts = job_dir.parent / ".attempts"
-    attempts.mkdir(exist_ok=True)
-    n = 1
-    while (attempts / f"{job_dir.name}.{n}").exists():
-        n += 1
-    shutil.move(str(job_dir), attempts / f"{job_dir.name}.{n}")
 
 
 def visible_gpus(gpus: Sequence[int | str] | None) -> list[str]:
@@ -112,7 +96,8 @@ def run_jobs(
 
     With GPUs, each job sees one of them (CUDA_VISIBLE_DEVICES), handed out round robin to at most
     `jobs_per_gpu` jobs each. A job running longer than `timeout` seconds is stopped. On an interrupt
-    (Ctrl-C) every running job is stopped before the interrupt goes on.
+    (Ctrl-C, or SIGTERM within `sigterm_interrupts`) every running job is stopped before the interrupt goes
+    on, cleanly if it stops within the grace period (see _stop_all).
     """
     slots = min(n_jobs, len(gpus) * jobs_per_gpu) if gpus else n_jobs
     load = dict.fromkeys(gpus, 0)
@@ -150,10 +135,42 @@ def run_jobs(
                     load[run.gpu] -= 1
                 finish(run.job, _collect(run))
     finally:
-        for run in running:  # only on an interrupt or an error of our own
-            _stop(run, force=True)
-            run.log.close()
+        _stop_all(running)  # only on an interrupt or an error of our own
     return results
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM to the sweep process stops it as Ctrl-C does (a RunInterrupted, which the CLI reports), so
+    that run_jobs stops its running jobs cleanly instead of leaving them running on their own."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise RunInterrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_all(running: list[_Running]) -> None:
+    """Stop the running jobs as a signal stops a single run: SIGTERM, on which each saves its last checkpoint
+    and writes an `interrupted` summary (a resumed sweep continues from there); SIGKILL after the grace."""
+    for run in running:
+        _stop(run, force=False)
+    deadline = time.time() + _KILL_GRACE_SECONDS
+    try:
+        while time.time() < deadline and any(run.process.poll() is None for run in running):
+            time.sleep(_POLL_SECONDS)
+    finally:  # also on a second Ctrl-C: nothing is left running
+        for run in running:
+            if run.process.poll() is None:
+                _stop(run, force=True)
+            run.log.close()
 
 
 def _start(job: Job, gpu: str | None, env: dict[str, str] | None) -> _Running:
@@ -161,7 +178,7 @@ def _start(job: Job, gpu: str | None, env: dict[str, str] | None) -> _Running:
     job_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     if gpu is not None:
         job_env["CUDA_VISIBLE_DEVICES"] = gpu
-    log = open(job.job_dir / JOB_LOG, "w")  # noqa: SIM115 (closed when the job ends)
+    log = open(job.job_dir / JOB_LOG, "a" if job.continues else "w")  # noqa: SIM115 (closed when the job ends)
     assert job.command is not None
     process = subprocess.Popen(
         job.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=job_env,

@@ -25,21 +25,14 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import dlrun.sweep  # noqa: F401  (registers the ${dlrun.coalesce:...} resolver of conf/hydra/default.yaml)
-from dlrun.command_line import job_command
+from dlrun.command_line import job_command, job_resume_command, sweep_command
 from dlrun.config import parse_rule, validate
 from dlrun.console import console, format_value
 from dlrun.error_boundary import as_user_error, traceback_env
 from dlrun.errors import UserError
 from dlrun.run_summary import RunSummary
-from dlrun.sweep.launcher import (
-    JOB_LOG,
-    Job,
-    completed_summary,
-    launched_sweeps,
-    run_jobs,
-    set_aside,
-    visible_gpus,
-)
+from dlrun.sweep.launcher import JOB_LOG, Job, launched_sweeps, run_jobs, sigterm_interrupts, visible_gpus
+from dlrun.sweep.resume import check_sweep_command, earlier_attempt, set_aside
 from dlrun.sweep.summary import write_summary_files
 
 _MAX_DIR_NAME = 200  # file systems allow 255 bytes per name; long override lists are cut
@@ -56,10 +49,12 @@ class DlrunLauncher(Launcher):
         "n_jobs": parse_rule("int >= 1"),
         "timeout": parse_rule("float > 0 | null"),
         "jobs_per_gpu": parse_rule("int >= 1"),
+        "retries": parse_rule("int >= 0"),
     }
 
-    def __init__(self, n_jobs: int = 1, timeout: float | None = None, gpus: Any = None, jobs_per_gpu: int = 1):
-        values = {"n_jobs": n_jobs, "timeout": timeout, "jobs_per_gpu": jobs_per_gpu}
+    def __init__(self, n_jobs: int = 1, timeout: float | None = None, gpus: Any = None, jobs_per_gpu: int = 1,
+                 retries: int = 1):
+        values = {"n_jobs": n_jobs, "timeout": timeout, "jobs_per_gpu": jobs_per_gpu, "retries": retries}
         problems = [
             f"hydra.launcher.{key} = {values[key]!r}: expected {rule.describe()}"
             for key, rule in self._KNOBS.items()
@@ -69,7 +64,7 @@ class DlrunLauncher(Launcher):
             problems.append(f"hydra.launcher.gpus = {gpus!r}: expected a list of GPU ids (or null: all visible)")
         if problems:
             raise UserError("\n".join(problems), "Fix the launcher setting, e.g. hydra.launcher.n_jobs=2.")
-        self.n_jobs, self.timeout, self.jobs_per_gpu = n_jobs, timeout, jobs_per_gpu
+        self.n_jobs, self.timeout, self.jobs_per_gpu, self.retries = n_jobs, timeout, jobs_per_gpu, retries
         self.gpus = None if gpus is None else [str(g) for g in gpus]
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
@@ -96,6 +91,7 @@ class DlrunLauncher(Launcher):
                             "Give the directory of an earlier sweep, e.g. outputs/sweeps/2026-01-31_12-00-00_123456.")
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if sweep_dir not in launched_sweeps:
+            check_sweep_command(sweep_dir, sweep_command(self.config.hydra), resuming=bool(resume))
             launched_sweeps.append(sweep_dir)
             console.print(f"[bold]sweep[/bold] {sweep_dir}" + (" (resumed)" if resume else ""))
         gpus = visible_gpus(self.gpus)
@@ -109,15 +105,22 @@ class DlrunLauncher(Launcher):
         for num, overrides in enumerate(job_overrides, start=initial_job_idx):
             # sweep.resume picks the sweep directory; the job itself is the same run as the first time
             job = self._job(num, [o for o in overrides if not o.startswith("sweep.resume=")], sweep_dir)
-            earlier = completed_summary(job.job_dir) if resume else None
-            if earlier is not None:
-                self._report(job, earlier, note="completed earlier, skipped")
-                returns[num] = _job_return(job, earlier)
+            earlier = earlier_attempt(job.job_dir, self.retries) if resume else None
+            if earlier is not None and earlier.action in ("skip", "give_up"):
+                assert earlier.summary is not None
+                note = (f"{earlier.summary.status} earlier, skipped" if earlier.action == "skip" else
+                        f"failed {earlier.failures} times, not retried (hydra.launcher.retries={self.retries})")
+                self._report(job, earlier.summary, note=note)
+                returns[num] = _job_return(job, earlier.summary)
                 continue
-            set_aside(job.job_dir)
+            if earlier is not None and earlier.action == "continue" and job.command is not None:
+                job.command, job.continues = job_resume_command(self.config.hydra, job.job_dir), True
+            else:
+                set_aside(job.job_dir)
             jobs.append(job)
-        results = run_jobs(jobs, self.n_jobs, gpus, self.jobs_per_gpu, self.timeout, env=traceback_env(),
-                           on_done=self._report)
+        with sigterm_interrupts():
+            results = run_jobs(jobs, self.n_jobs, gpus, self.jobs_per_gpu, self.timeout, env=traceback_env(),
+                               on_done=self._report)
         returns.update({job.num: _job_return(job, results[job.num]) for job in jobs})
         write_summary_files(sweep_dir)
         return [returns[num] for num in sorted(returns)]
@@ -155,7 +158,8 @@ class DlrunLauncher(Launcher):
         status = summary.status
         if status == "failed":
             reason = (summary.error or "").strip().splitlines()[:1] or [""]
-            console.print(f"[red]✗[/red] {label} failed: {reason[0]} · {job.job_dir / JOB_LOG}", highlight=False)
+            console.print(f"[red]✗[/red] {label} failed: {reason[0]} · " + (f"{note} · " if note else "")
+                          + str(job.job_dir / JOB_LOG), highlight=False)
             return
         value = summary.best_value
         shown = f"{summary.monitor} {format_value(value)}" if value is not None else "no value"

@@ -5,6 +5,10 @@ new process session: its imports, CUDA context, W&B run, DDP children, crash or 
 belong to it alone, and Lightning's DDP re-launch (which re-runs `sys.argv`) sees an ordinary run.
 Whatever happens to the process, its job directory ends with a `summary.json`: the job's own, or
 one this module writes with `status: failed` and the last lines of the job's output.
+
+Given a warm fork server (dlrun/sweep/fork_server.py), a job that runs on the CPU in one process is
+forked from it instead of started as a fresh Python, which skips the seconds of imports; it is a
+process of its own all the same, in a new session, with the same command line, environment and log.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import IO, Any
 
 from dlrun.run_summary import RunSummary
 from dlrun.rundir import RunDir, RunInterrupted
+from dlrun.sweep.fork_server import ForkedJob, ForkServer
 
 JOB_LOG = "job.log"  # the job process's stdout and stderr
 ERROR_LINES = 15  # lines of output kept as the error of a job that could not write its own summary
@@ -51,12 +56,13 @@ class Job:
     monitor: str | None = None  # what the job would optimize, for its summary if it cannot write one
     mode: str | None = None
     continues: bool = False  # `command` continues an earlier attempt in `job_dir` (resume): its log goes on
+    forkable: bool = False  # a `python -m dlrun.cli` run in one process on the CPU: a fork server may start it
 
 
 @dataclass
 class _Running:
     job: Job
-    process: subprocess.Popen
+    process: subprocess.Popen | ForkedJob
     log: IO[str]
     gpu: str | None
     started: float
@@ -91,13 +97,15 @@ def run_jobs(
     timeout: float | None = None,
     env: dict[str, str] | None = None,
     on_done: Callable[[Job, RunSummary], None] | None = None,
+    fork_server: ForkServer | None = None,
 ) -> dict[int, RunSummary]:
     """Run `jobs`, at most `n_jobs` at once, and return {job number: its final summary}.
 
     With GPUs, each job sees one of them (CUDA_VISIBLE_DEVICES), handed out round robin to at most
     `jobs_per_gpu` jobs each. A job running longer than `timeout` seconds is stopped. On an interrupt
     (Ctrl-C, or SIGTERM within `sigterm_interrupts`) every running job is stopped before the interrupt goes
-    on, cleanly if it stops within the grace period (see _stop_all).
+    on, cleanly if it stops within the grace period (see _stop_all). Forkable jobs without a GPU are
+    forked from `fork_server` (the first one waits until it is warm), the others start as new processes.
     """
     slots = min(n_jobs, len(gpus) * jobs_per_gpu) if gpus else n_jobs
     load = dict.fromkeys(gpus, 0)
@@ -124,7 +132,7 @@ def run_jobs(
                     gpu = next(g for g in order if load[g] < jobs_per_gpu)
                     load[gpu] += 1
                     next_gpu = (gpus.index(gpu) + 1) % len(gpus)
-                running.append(_start(job, gpu, env))
+                running.append(_start(job, gpu, env, fork_server))
             time.sleep(_POLL_SECONDS)
             for run in list(running):
                 if run.process.poll() is None:
@@ -173,17 +181,21 @@ def _stop_all(running: list[_Running]) -> None:
             run.log.close()
 
 
-def _start(job: Job, gpu: str | None, env: dict[str, str] | None) -> _Running:
+def _start(job: Job, gpu: str | None, env: dict[str, str] | None, fork_server: ForkServer | None) -> _Running:
     job.job_dir.mkdir(parents=True, exist_ok=True)
     job_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     if gpu is not None:
         job_env["CUDA_VISIBLE_DEVICES"] = gpu
     log = open(job.job_dir / JOB_LOG, "a" if job.continues else "w")  # noqa: SIM115 (closed when the job ends)
     assert job.command is not None
-    process = subprocess.Popen(
-        job.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=job_env,
-        start_new_session=True,  # its own process group: a timeout stops the job and its DDP children
-    )
+    process: subprocess.Popen | ForkedJob
+    if fork_server is not None and job.forkable and gpu is None and fork_server.ready(wait=True):
+        process = fork_server.start(job.command[3:], job_env, job.job_dir / JOB_LOG)  # after `python -m dlrun.cli`
+    else:
+        process = subprocess.Popen(
+            job.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=job_env,
+            start_new_session=True,  # its own process group: a timeout stops the job and its DDP children
+        )
     return _Running(job, process, log, gpu, time.time(), _now())
 
 
@@ -214,6 +226,7 @@ def _collect(run: _Running) -> RunSummary:
         "command": job.command,
         "returncode": code,
         "gpu": run.gpu,
+        "forked": isinstance(run.process, ForkedJob),  # from the fork server, else a new process
         "log": JOB_LOG,
         "process_started_at": run.started_at,
         "process_finished_at": _now(),

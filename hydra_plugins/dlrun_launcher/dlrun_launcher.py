@@ -3,8 +3,9 @@
 Hydra's basic launcher runs every job inside the sweep's own process: one job's crash, out-of-memory
 kill, W&B run or DDP re-launch then spoils the rest. This launcher composes each job's config here
 (a job whose overrides cannot be composed fails alone, before any process starts), then runs the job
-as a plain `dlrun` run in a fresh process (`dlrun.sweep.launcher`), and answers the sweeper with the
-job's best monitored value, which is what the Optuna sweeper optimizes.
+as a plain `dlrun` run in a process of its own (`dlrun.sweep.launcher`; forked from a warm fork server
+where that is safe, `dlrun.sweep.fork_server`), and answers the sweeper with the job's best monitored
+value, which is what the Optuna sweeper optimizes.
 
 Hydra only instantiates launchers defined under the `hydra_plugins` namespace package, hence this file;
 the machinery lives in `dlrun/sweep/`.
@@ -12,6 +13,8 @@ the machinery lives in `dlrun/sweep/`.
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,11 +34,13 @@ from dlrun.console import console, format_value
 from dlrun.error_boundary import as_user_error, traceback_env
 from dlrun.errors import UserError
 from dlrun.run_summary import RunSummary
+from dlrun.sweep.fork_server import ForkServer
 from dlrun.sweep.launcher import JOB_LOG, Job, launched_sweeps, run_jobs, sigterm_interrupts, visible_gpus
 from dlrun.sweep.resume import check_sweep_command, earlier_attempt, set_aside
 from dlrun.sweep.summary import write_summary_files
 
 _MAX_DIR_NAME = 200  # file systems allow 255 bytes per name; long override lists are cut
+FORK_SERVER_LOG = ".fork_server.log"  # in the sweep directory: why the fork server stopped, if it did
 
 
 class JobFailed(Exception):
@@ -50,11 +55,13 @@ class DlrunLauncher(Launcher):
         "timeout": parse_rule("float > 0 | null"),
         "jobs_per_gpu": parse_rule("int >= 1"),
         "retries": parse_rule("int >= 0"),
+        "fork_server": parse_rule("bool"),
     }
 
     def __init__(self, n_jobs: int = 1, timeout: float | None = None, gpus: Any = None, jobs_per_gpu: int = 1,
-                 retries: int = 1):
-        values = {"n_jobs": n_jobs, "timeout": timeout, "jobs_per_gpu": jobs_per_gpu, "retries": retries}
+                 retries: int = 1, fork_server: bool = True):
+        values = {"n_jobs": n_jobs, "timeout": timeout, "jobs_per_gpu": jobs_per_gpu, "retries": retries,
+                  "fork_server": fork_server}
         problems = [
             f"hydra.launcher.{key} = {values[key]!r}: expected {rule.describe()}"
             for key, rule in self._KNOBS.items()
@@ -65,6 +72,8 @@ class DlrunLauncher(Launcher):
         if problems:
             raise UserError("\n".join(problems), "Fix the launcher setting, e.g. hydra.launcher.n_jobs=2.")
         self.n_jobs, self.timeout, self.jobs_per_gpu, self.retries = n_jobs, timeout, jobs_per_gpu, retries
+        self.use_fork_server = fork_server
+        self.fork_server: ForkServer | None = None  # started at the first launch, for the whole sweep
         self.gpus = None if gpus is None else [str(g) for g in gpus]
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
@@ -95,6 +104,7 @@ class DlrunLauncher(Launcher):
             launched_sweeps.append(sweep_dir)
             console.print(f"[bold]sweep[/bold] {sweep_dir}" + (" (resumed)" if resume else ""))
         gpus = visible_gpus(self.gpus)
+        self._start_fork_server(sweep_dir)  # it imports while the jobs are composed
         console.print(
             f"{len(job_overrides)} job(s), {self.n_jobs} at a time" + (f" on GPUs {','.join(gpus)}" if gpus else "")
             + (f" · every job: {' '.join(sorted(self.fixed))}" if self.fixed else ""), highlight=False,
@@ -120,7 +130,7 @@ class DlrunLauncher(Launcher):
             jobs.append(job)
         with sigterm_interrupts():
             results = run_jobs(jobs, self.n_jobs, gpus, self.jobs_per_gpu, self.timeout, env=traceback_env(),
-                               on_done=self._report)
+                               on_done=self._report, fork_server=self.fork_server)
         returns.update({job.num: _job_return(job, results[job.num]) for job in jobs})
         write_summary_files(sweep_dir)
         return [returns[num] for num in sorted(returns)]
@@ -141,7 +151,23 @@ class DlrunLauncher(Launcher):
             return Job(num, overrides, job_dir, None, error=str(user_error or f"{type(err).__name__}: {err}"))
         job_dir = sweep_dir / _dir_name(name)
         command = job_command(self.config.hydra, job_dir, num, overrides)
-        return Job(num, overrides, job_dir, command, monitor=monitor, mode=mode)
+        hardware = {key: OmegaConf.select(job_cfg, f"hardware.{key}", default=None)
+                    for key in ("accelerator", "strategy", "devices", "num_nodes")}
+        forkable = (hardware["accelerator"] in ("cpu", "auto") and hardware["strategy"] == "auto"  # not DDP, whose
+                    and str(hardware["devices"]) in ("1", "auto") and hardware["num_nodes"] == 1)  # ranks re-run argv
+        return Job(num, overrides, job_dir, command, monitor=monitor, mode=mode, forkable=forkable)
+
+    def _start_fork_server(self, sweep_dir: Path) -> None:
+        """Start the sweep's fork server, unless it is off or forking is not safe on this machine: not Linux,
+        or GPUs visible (jobs fork before CUDA starts, but dlrun keeps CUDA machines on fresh processes)."""
+        if self.fork_server is not None or not self.use_fork_server:
+            return
+        if not sys.platform.startswith("linux") or visible_gpus(None):
+            self.use_fork_server = False
+            return
+        env = {**os.environ, **traceback_env(), "PYTHONUNBUFFERED": "1"}  # what a job's imports see
+        self.fork_server = ForkServer(env, stderr=sweep_dir / FORK_SERVER_LOG)
+        atexit.register(self.fork_server.close)
 
     def _override_dirname(self, overrides: list[str]) -> str:
         """Hydra's ${hydra.job.override_dirname}, for a job whose config (which holds it) did not compose."""

@@ -171,8 +171,12 @@ class ForkServer:
         """Fork a job that runs `python -m dlrun.cli *argv` with `env`, its output appended to `log`."""
         assert self._process.stdin is not None
         request = {"argv": argv, "cwd": os.getcwd(), "env": env, "log": str(log)}
-        self._process.stdin.write((json.dumps(request) + "\n").encode())
-        self._process.stdin.flush()
+        try:
+            self._process.stdin.write((json.dumps(request) + "\n").encode())
+            self._process.stdin.flush()
+        except OSError as err:
+            self.reason = self.reason or f"it no longer reads ({err})"
+            raise
         while not self._started:
             if not self._read(block=True):
                 raise OSError(f"the fork server stopped: {self.reason}")

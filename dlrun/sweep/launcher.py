@@ -188,10 +188,11 @@ def _start(job: Job, gpu: str | None, env: dict[str, str] | None, fork_server: F
         job_env["CUDA_VISIBLE_DEVICES"] = gpu
     log = open(job.job_dir / JOB_LOG, "a" if job.continues else "w")  # noqa: SIM115 (closed when the job ends)
     assert job.command is not None
-    process: subprocess.Popen | ForkedJob
+    process: subprocess.Popen | ForkedJob | None = None
     if fork_server is not None and job.forkable and gpu is None and fork_server.ready(wait=True):
-        process = fork_server.start(job.command[3:], job_env, job.job_dir / JOB_LOG)  # after `python -m dlrun.cli`
-    else:
+        with contextlib.suppress(OSError):  # the server has stopped: this job and the next ones start fresh
+            process = fork_server.start(job.command[3:], job_env, job.job_dir / JOB_LOG)  # after -m dlrun.cli
+    if process is None:
         process = subprocess.Popen(
             job.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=job_env,
             start_new_session=True,  # its own process group: a timeout stops the job and its DDP children

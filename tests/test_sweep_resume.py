@@ -106,3 +106,49 @@ def test_resume_retries_failed_jobs_up_to_retries_and_refuses_another_command(ru
     assert "Not the same sweep" in shown and "Traceback" not in shown
     assert "-optim.lr=0.05,-1" in shown and "+optim.lr=0.05,-2" in shown
     assert sorted(str(p) for p in sweep_dir.rglob("*")) == before and _files(good) == untouched
+
+
+def test_each_earlier_attempt_has_its_way_to_go_on(tmp_path):
+    from dlrun.run_summary import RunSummary
+    from dlrun.rundir import RunDir
+    from dlrun.sweep.resume import earlier_attempt, set_aside
+
+    def job(name: str, status: str | None, checkpoint: bool = False) -> Path:
+        run_dir = RunDir(tmp_path / name)
+        run_dir.path.mkdir(exist_ok=True)
+        if status is not None:
+            run_dir.write_summary(RunSummary(status=status))
+        if checkpoint:
+            run_dir.checkpoint_dir.mkdir()
+            run_dir.checkpoint("last").write_bytes(b"")
+            run_dir.config_file.write_text("seed: 0\n")
+        return run_dir.path
+
+    actions = {status: earlier_attempt(job(f"{status}", status), retries=1).action
+               for status in ("completed", "diverged", "interrupted")}
+    assert actions == {"completed": "skip", "diverged": "skip", "interrupted": "start"}  # no checkpoint: afresh
+    assert earlier_attempt(job("stopped", "interrupted", checkpoint=True), retries=1).action == "continue"
+    assert earlier_attempt(job("killed", None, checkpoint=True), retries=1).action == "continue"
+    assert earlier_attempt(tmp_path / "never_started", retries=1).action == "start"
+    assert not (tmp_path / "never_started").exists()
+    failed = job("failed", "failed")
+    assert earlier_attempt(failed, retries=0).action == "give_up"
+    assert (earlier_attempt(failed, retries=1).action, earlier_attempt(failed, retries=1).failures) == ("retry", 1)
+    set_aside(failed)
+    job("failed", "failed")  # the retry failed too
+    assert (earlier_attempt(failed, retries=1).action, earlier_attempt(failed, retries=1).failures) == ("give_up", 2)
+    assert earlier_attempt(failed, retries=2).action == "retry"
+    assert (tmp_path / ".attempts" / "failed.1" / "summary.json").exists()
+
+
+def test_the_sweeps_command_is_recorded_and_a_different_one_refused(tmp_path):
+    from dlrun.sweep.resume import SWEEP_COMMAND, SweepChanged, check_sweep_command
+
+    command = ["--config-name=config", "model=mlp,cnn", "optim.lr=0.1"]
+    check_sweep_command(tmp_path, command, resuming=False)
+    assert (tmp_path / SWEEP_COMMAND).is_file()
+    check_sweep_command(tmp_path, command, resuming=True)  # the same: accepted
+    with pytest.raises(SweepChanged) as refused:
+        check_sweep_command(tmp_path, ["--config-name=config", "model=mlp,cnn", "optim.lr=0.2"], resuming=True)
+    assert refused.value.message.splitlines()[1:] == ["-optim.lr=0.1", "+optim.lr=0.2"]
+    check_sweep_command(tmp_path, command, resuming=True)  # the record is still the first command's

@@ -51,9 +51,10 @@ def earlier_attempt(job_dir: Path, retries: int) -> Earlier:
     if status == "failed":
         failures = 1 + len(glob.glob(glob.escape(str(job_dir.parent / ATTEMPTS / job_dir.name)) + ".*"))
         return Earlier("retry" if failures <= retries else "give_up", summary, failures)
-    run_dir = RunDir(job_dir)
-    if run_dir.checkpoint("last").is_file() and run_dir.config_file.is_file():
-        return Earlier("continue", summary)
+    if job_dir.is_dir():  # (RunDir makes the directory it is given)
+        run_dir = RunDir(job_dir)
+        if run_dir.checkpoint("last").is_file() and run_dir.config_file.is_file():
+            return Earlier("continue", summary)
     return Earlier("start")
 
 

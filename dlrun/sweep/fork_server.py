@@ -6,7 +6,8 @@ often longer than a small job trains. The launcher therefore starts this server 
 per job. The child becomes what a fresh job process would be: a new session (its own process group,
 which a timeout or an interrupt signals as a whole), the job's working directory, environment, argv,
 and stdin/stdout/stderr (/dev/null and the job's log); then it runs dlrun.cli as `__main__` and ends
-through the interpreter's ordinary exit (threads joined, atexit handlers run, the exit code its own).
+as the interpreter's exit ends it (threads joined, atexit handlers run, output flushed, the exit code
+its own), without the module teardown (seconds with torch loaded; see _run_job).
 The server reaps its children and reports each exit status to the launcher.
 
 Why forking is safe here: the server runs no job code and starts nothing. After its imports it checks
@@ -25,6 +26,7 @@ job ({"argv", "cwd", "env", "log"}); the server answers {"started": pid} at once
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import json
@@ -134,12 +136,36 @@ def _become(request: dict[str, Any]) -> None:
     dlrun.IMPORTED_AT = time.time()  # summary.json's startup_seconds counts from here
 
 
+def _run_job() -> int:
+    """Run dlrun.cli as `__main__` and end as the interpreter ends, short of tearing its modules down (seconds
+    with torch loaded, and nothing a job needs): threads joined, atexit handlers run, output flushed. This
+    is how multiprocessing's forked children end too. Returns the exit code Python would have exited with."""
+    try:
+        runpy.run_module("dlrun.cli", run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:  # sys.exit("message")
+            print(stop.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    threading._shutdown()  # waits for non-daemon threads, as the interpreter does at exit
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    return code
+
+
 def main() -> None:
     request = serve()
     if request is None:
         return
     _become(request)
-    runpy.run_module("dlrun.cli", run_name="__main__", alter_sys=True)
+    os._exit(_run_job())
 
 
 # --- the launcher's side ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 
 import hydra
@@ -74,13 +75,16 @@ def main() -> None:
         with contextlib.redirect_stderr(_WithoutHydraJobErrorLine(sys.stderr)):
             _run()
     except KeyboardInterrupt:
-        end_of_sweeps()  # what the finished jobs of an interrupted sweep found
+        if end_of_sweeps() is not None:  # what the finished jobs of an interrupted sweep found
+            _how_to_resume_the_sweep("Ctrl-C")
         sys.exit(130)
-    except RunInterrupted as err:  # the run saved its last checkpoint and summary.json first
-        end_of_sweeps()
-        where = err.run_dir or "<run dir>"
-        err_console.print(f"[bold yellow]interrupted[/bold yellow] (signal {err.signum}): the last checkpoint "
-                          f"holds every finished epoch. Continue with:\n  dlrun resume={where}")
+    except RunInterrupted as err:  # the run (a sweep: each running job) saved its last checkpoint first
+        if end_of_sweeps() is not None:
+            _how_to_resume_the_sweep(f"signal {err.signum}")
+        else:
+            where = err.run_dir or "<run dir>"
+            err_console.print(f"[bold yellow]interrupted[/bold yellow] (signal {err.signum}): the last checkpoint "
+                              f"holds every finished epoch. Continue with:\n  dlrun resume={where}")
         sys.exit(err.exit_code)
     except Exception as err:
         # A sweeper may give up on failed jobs (the basic one raises the first job's error): the
@@ -90,6 +94,18 @@ def main() -> None:
         exit_for(err, as_user_error(err))  # a panel and 2, or for a bug one line and 1 (traceback: dlrun.log)
     if end_of_sweeps():
         sys.exit(1)
+
+
+def _how_to_resume_the_sweep(why: str) -> None:
+    from rich.markup import escape
+
+    from dlrun.sweep.launcher import launched_sweeps
+
+    arguments = [a for a in sys.argv[1:] if not a.startswith("sweep.resume=")]
+    command = shlex.join(["dlrun", *arguments, f"sweep.resume={launched_sweeps[-1]}"])
+    err_console.print(f"[bold yellow]interrupted[/bold yellow] ({why}): running jobs stopped at their last "
+                      "checkpoint. Continue the sweep (those jobs go on, finished ones are kept) with:\n  "
+                      + escape(command), highlight=False)
 
 
 class _WithoutHydraJobErrorLine:

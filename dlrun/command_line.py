@@ -45,17 +45,41 @@ def quoted(value: str | os.PathLike) -> str:
     return f"'{escaped}'"
 
 
+# Sweep settings that change no job: a resumed sweep may give other values (sweep.n_trials: more trials).
+_NOT_THE_SWEEPS_JOBS = ("sweep.resume=", "sweep.n_trials=")
+
+
+def _config_source(sweep_hydra: DictConfig) -> list[tuple[str, str]]:
+    """(flag, value) for --config-dir (where the command line gave one) and --config-name."""
+    dirs = [("--config-dir", str(source.path).removeprefix("file://"))
+            for source in sweep_hydra.runtime.config_sources if source.provider == "command-line"]
+    return [*dirs, ("--config-name", str(sweep_hydra.job.config_name))]
+
+
 def job_command(sweep_hydra: DictConfig, job_dir: Path, num: int, overrides: list[str]) -> list[str]:
     """A sweep's job as a single `dlrun` run in a fresh process: the sweep's config sources and Hydra
     settings, the job's own overrides, its directory and its number."""
-    command = [sys.executable, "-m", "dlrun.cli"]
-    for source in sweep_hydra.runtime.config_sources:
-        if source.provider == "command-line":  # --config-dir
-            command += ["--config-dir", str(source.path).removeprefix("file://")]
-    command += ["--config-name", str(sweep_hydra.job.config_name)]
     settings = [o for o in single_run_settings(sweep_hydra.overrides.hydra)
                 if not _key_starts_with(o, ("hydra.run.dir",))]  # the job's directory follows
-    return [*command, *settings, *overrides, f"hydra.run.dir={quoted(job_dir)}", f"hydra.job.num={num}"]
+    source = [arg for flag_value in _config_source(sweep_hydra) for arg in flag_value]
+    return [sys.executable, "-m", "dlrun.cli", *source, *settings, *overrides,
+            f"hydra.run.dir={quoted(job_dir)}", f"hydra.job.num={num}"]
+
+
+def job_resume_command(sweep_hydra: DictConfig, job_dir: Path) -> list[str]:
+    """A sweep's interrupted job continued from its last checkpoint: `dlrun resume=<job dir>` (expand_resume
+    replays the job's own overrides), with the sweep's config source for the group choices."""
+    source = [f"{flag}={value}" for flag, value in _config_source(sweep_hydra)]  # one argument each (expand_resume)
+    return [sys.executable, "-m", "dlrun.cli", *source, f"resume={quoted(job_dir)}"]
+
+
+def sweep_command(sweep_hydra: DictConfig) -> list[str]:
+    """What makes a sweep's jobs what they are: its config source, Hydra settings and overrides (what
+    `sweep.resume` checks against the sweep's record; launcher settings and sweep.resume itself excluded)."""
+    settings = [o for o in single_run_settings(sweep_hydra.overrides.hydra)
+                if not _key_starts_with(o, ("hydra.run.",))]
+    overrides = [str(o) for o in sweep_hydra.overrides.task if not str(o).startswith(_NOT_THE_SWEEPS_JOBS)]
+    return [*(f"{flag}={value}" for flag, value in _config_source(sweep_hydra)), *settings, *overrides]
 
 
 def rank_command(argv: list[str], hydra_cfg: DictConfig) -> list[str]:

@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from dlrun import IMPORTED_AT, __version__
+import dlrun
+from dlrun import __version__
 from dlrun.console import console, print_config_tree, print_run_summary
 from dlrun.curves import write_curves
 from dlrun.data.datamodule import InMemoryDataModule
@@ -324,7 +325,7 @@ def _finish(summary: RunSummary, trainer, started, run_dir: RunDir, reported: di
     """Complete and write summary.json (rank 0 only); `reported` is summary_metrics': metrics, last_epoch."""
     clock = next((c for c in trainer.callbacks if isinstance(c, FirstStepClock)), None)
     if clock is not None and clock.first_step_at is not None:  # imports, data and model building
-        summary.startup_seconds = round(clock.first_step_at - IMPORTED_AT, 3)
+        summary.startup_seconds = round(clock.first_step_at - dlrun.IMPORTED_AT, 3)  # a forked job resets it
     summary.global_step = trainer.global_step
     summary.metrics, summary.last_epoch = reported["metrics"], reported["last_epoch"]
     summary.wall_seconds = round(time.time() - started, 3)

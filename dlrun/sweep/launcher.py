@@ -5,6 +5,10 @@ new process session: its imports, CUDA context, W&B run, DDP children, crash or 
 belong to it alone, and Lightning's DDP re-launch (which re-runs `sys.argv`) sees an ordinary run.
 Whatever happens to the process, its job directory ends with a `summary.json`: the job's own, or
 one this module writes with `status: failed` and the last lines of the job's output.
+
+Given a warm fork server (dlrun/sweep/fork_server.py), a job that runs on the CPU in one process is
+forked from it instead of started as a fresh Python, which skips the seconds of imports; it is a
+process of its own all the same, in a new session, with the same command line, environment and log.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +28,8 @@ from typing import IO, Any
 
 from dlrun.curves import write_curves
 from dlrun.run_summary import RunSummary
-from dlrun.rundir import RunDir, read_summary_file
+from dlrun.rundir import RunDir, RunInterrupted
+from dlrun.sweep.fork_server import ForkedJob, ForkServer
 
 JOB_LOG = "job.log"  # the job process's stdout and stderr
 ERROR_LINES = 15  # lines of output kept as the error of a job that could not write its own summary
@@ -50,12 +56,14 @@ class Job:
     error: str | None = None
     monitor: str | None = None  # what the job would optimize, for its summary if it cannot write one
     mode: str | None = None
+    continues: bool = False  # `command` continues an earlier attempt in `job_dir` (resume): its log goes on
+    forkable: bool = False  # a `python -m dlrun.cli` run in one process on the CPU: a fork server may start it
 
 
 @dataclass
 class _Running:
     job: Job
-    process: subprocess.Popen
+    process: subprocess.Popen | ForkedJob
     log: IO[str]
     gpu: str | None
     started: float
@@ -63,24 +71,6 @@ class _Running:
     stopping_since: float | None = None
     timed_out: bool = False
     pruned: dict[str, Any] | None = None  # {epoch, value}: the sweeper's pruner stopped it
-
-
-def completed_summary(job_dir: Path) -> RunSummary | None:
-    """The job's summary when it completed earlier (resume skips it), else None."""
-    summary = read_summary_file(job_dir / "summary.json")
-    return summary if summary is not None and summary.status == "completed" else None
-
-
-def set_aside(job_dir: Path) -> None:
-    """Move an earlier, unfinished attempt out of the way (into `.attempts/`), so a re-run starts clean."""
-    if not job_dir.exists():
-        return
-    attempts = job_dir.parent / ".attempts"
-    attempts.mkdir(exist_ok=True)
-    n = 1
-    while (attempts / f"{job_dir.name}.{n}").exists():
-        n += 1
-    shutil.move(str(job_dir), attempts / f"{job_dir.name}.{n}")
 
 
 def visible_gpus(gpus: Sequence[int | str] | None) -> list[str]:
@@ -110,6 +100,7 @@ def run_jobs(
     env: dict[str, str] | None = None,
     on_done: Callable[[Job, RunSummary], None] | None = None,
     prune: Callable[[Job], dict[str, Any] | None] | None = None,
+    fork_server: ForkServer | None = None,
 ) -> dict[int, RunSummary]:
     """Run `jobs`, at most `n_jobs` at once, and return {job number: its final summary}.
 
@@ -117,8 +108,10 @@ def run_jobs(
     With GPUs, each job sees one of them (CUDA_VISIBLE_DEVICES), handed out round robin to at most
     `jobs_per_gpu` jobs each. A job running longer than `timeout` seconds is stopped. `prune`, asked at
     every poll about each running job, stops it like a timeout (SIGTERM: it keeps its last checkpoint)
-    when it returns {epoch, value}, and the job is recorded as `pruned`. On an interrupt (Ctrl-C) every
-    running job is stopped before the interrupt goes on.
+    when it returns {epoch, value}, and the job is recorded as `pruned`. On an interrupt (Ctrl-C, or
+    SIGTERM within `sigterm_interrupts`) every running job is stopped before the interrupt goes on,
+    cleanly if it stops within the grace period (see _stop_all). Forkable jobs without a GPU are forked
+    from `fork_server` (the first one waits until it is warm), the others start as new processes.
     """
     slots = min(n_jobs, len(gpus) * jobs_per_gpu) if gpus else n_jobs
     load = dict.fromkeys(gpus, 0)
@@ -149,7 +142,7 @@ def run_jobs(
                     gpu = next(g for g in order if load[g] < jobs_per_gpu)
                     load[gpu] += 1
                     next_gpu = (gpus.index(gpu) + 1) % len(gpus)
-                running.append(_start(job, gpu, env))
+                running.append(_start(job, gpu, env, fork_server))
             time.sleep(_POLL_SECONDS)
             for run in list(running):
                 if run.process.poll() is None:
@@ -165,23 +158,60 @@ def run_jobs(
                     load[run.gpu] -= 1
                 finish(run.job, _collect(run))
     finally:
-        for run in running:  # only on an interrupt or an error of our own
-            _stop(run, force=True)
-            run.log.close()
+        _stop_all(running)  # only on an interrupt or an error of our own
     return results
 
 
-def _start(job: Job, gpu: str | None, env: dict[str, str] | None) -> _Running:
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM to the sweep process stops it as Ctrl-C does (a RunInterrupted, which the CLI reports), so
+    that run_jobs stops its running jobs cleanly instead of leaving them running on their own."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise RunInterrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_all(running: list[_Running]) -> None:
+    """Stop the running jobs as a signal stops a single run: SIGTERM, on which each saves its last checkpoint
+    and writes an `interrupted` summary (a resumed sweep continues from there); SIGKILL after the grace."""
+    for run in running:
+        _stop(run, force=False)
+    deadline = time.time() + _KILL_GRACE_SECONDS
+    try:
+        while time.time() < deadline and any(run.process.poll() is None for run in running):
+            time.sleep(_POLL_SECONDS)
+    finally:  # also on a second Ctrl-C: nothing is left running
+        for run in running:
+            if run.process.poll() is None:
+                _stop(run, force=True)
+            run.log.close()
+
+
+def _start(job: Job, gpu: str | None, env: dict[str, str] | None, fork_server: ForkServer | None) -> _Running:
     job.job_dir.mkdir(parents=True, exist_ok=True)
     job_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     if gpu is not None:
         job_env["CUDA_VISIBLE_DEVICES"] = gpu
-    log = open(job.job_dir / JOB_LOG, "w")  # noqa: SIM115 (closed when the job ends)
+    log = open(job.job_dir / JOB_LOG, "a" if job.continues else "w")  # noqa: SIM115 (closed when the job ends)
     assert job.command is not None
-    process = subprocess.Popen(
-        job.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=job_env,
-        start_new_session=True,  # its own process group: a timeout stops the job and its DDP children
-    )
+    process: subprocess.Popen | ForkedJob | None = None
+    if fork_server is not None and job.forkable and gpu is None and fork_server.ready(wait=True):
+        with contextlib.suppress(OSError):  # the server has stopped: this job and the next ones start fresh
+            process = fork_server.start(job.command[3:], job_env, job.job_dir / JOB_LOG)  # after -m dlrun.cli
+    if process is None:
+        process = subprocess.Popen(
+            job.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=job_env,
+            start_new_session=True,  # its own process group: a timeout stops the job and its DDP children
+        )
     return _Running(job, process, log, gpu, time.time(), _now())
 
 
@@ -211,6 +241,7 @@ def _collect(run: _Running) -> RunSummary:
         "command": job.command,
         "returncode": code,
         "gpu": run.gpu,
+        "forked": isinstance(run.process, ForkedJob),  # from the fork server, else a new process
         "log": JOB_LOG,
         "process_started_at": run.started_at,
         "process_finished_at": _now(),

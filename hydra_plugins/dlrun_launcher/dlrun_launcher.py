@@ -3,9 +3,10 @@
 Hydra's basic launcher runs every job inside the sweep's own process: one job's crash, out-of-memory
 kill, W&B run or DDP re-launch then spoils the rest. This launcher composes each job's config here
 (a job whose overrides cannot be composed fails alone, before any process starts), then runs the job
-as a plain `dlrun` run in a fresh process (`dlrun.sweep.launcher`), and answers the sweeper with the
-job's best monitored value, which is what the Optuna sweeper optimizes (`launch_each` hands it each
-result as the job ends, and lets it stop a job its pruner gives up on).
+as a plain `dlrun` run in a process of its own (`dlrun.sweep.launcher`; forked from a warm fork server
+where that is safe, `dlrun.sweep.fork_server`), and answers the sweeper with the job's best monitored
+value, which is what the Optuna sweeper optimizes (`launch_each` hands it each result as the job ends,
+and lets it stop a job its pruner gives up on).
 
 Hydra only instantiates launchers defined under the `hydra_plugins` namespace package, hence this file;
 the machinery lives in `dlrun/sweep/`.
@@ -13,6 +14,9 @@ the machinery lives in `dlrun/sweep/`.
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,24 +29,19 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import dlrun.sweep  # noqa: F401  (registers the ${dlrun.coalesce:...} resolver of conf/hydra/default.yaml)
-from dlrun.command_line import job_command
+from dlrun.command_line import job_command, job_resume_command, sweep_command
 from dlrun.config import parse_rule, validate
 from dlrun.console import console, format_value
 from dlrun.error_boundary import as_user_error, traceback_env
 from dlrun.errors import UserError
 from dlrun.run_summary import RunSummary
-from dlrun.sweep.launcher import (
-    JOB_LOG,
-    Job,
-    completed_summary,
-    launched_sweeps,
-    run_jobs,
-    set_aside,
-    visible_gpus,
-)
+from dlrun.sweep.fork_server import ForkServer
+from dlrun.sweep.launcher import JOB_LOG, Job, launched_sweeps, run_jobs, sigterm_interrupts, visible_gpus
+from dlrun.sweep.resume import check_sweep_command, earlier_attempt, set_aside
 from dlrun.sweep.summary import write_summary_files
 
 _MAX_DIR_NAME = 200  # file systems allow 255 bytes per name; long override lists are cut
+FORK_SERVER_LOG = ".fork_server.log"  # in the sweep directory: why the fork server stopped, if it did
 
 
 class JobFailed(Exception):
@@ -56,10 +55,14 @@ class DlrunLauncher(Launcher):
         "n_jobs": parse_rule("int >= 1"),
         "timeout": parse_rule("float > 0 | null"),
         "jobs_per_gpu": parse_rule("int >= 1"),
+        "retries": parse_rule("int >= 0"),
+        "fork_server": parse_rule("bool"),
     }
 
-    def __init__(self, n_jobs: int = 1, timeout: float | None = None, gpus: Any = None, jobs_per_gpu: int = 1):
-        values = {"n_jobs": n_jobs, "timeout": timeout, "jobs_per_gpu": jobs_per_gpu}
+    def __init__(self, n_jobs: int = 1, timeout: float | None = None, gpus: Any = None, jobs_per_gpu: int = 1,
+                 retries: int = 1, fork_server: bool = True):
+        values = {"n_jobs": n_jobs, "timeout": timeout, "jobs_per_gpu": jobs_per_gpu, "retries": retries,
+                  "fork_server": fork_server}
         problems = [
             f"hydra.launcher.{key} = {values[key]!r}: expected {rule.describe()}"
             for key, rule in self._KNOBS.items()
@@ -69,7 +72,9 @@ class DlrunLauncher(Launcher):
             problems.append(f"hydra.launcher.gpus = {gpus!r}: expected a list of GPU ids (or null: all visible)")
         if problems:
             raise UserError("\n".join(problems), "Fix the launcher setting, e.g. hydra.launcher.n_jobs=2.")
-        self.n_jobs, self.timeout, self.jobs_per_gpu = n_jobs, timeout, jobs_per_gpu
+        self.n_jobs, self.timeout, self.jobs_per_gpu, self.retries = n_jobs, timeout, jobs_per_gpu, retries
+        self.use_fork_server = fork_server
+        self.fork_server: ForkServer | None = None  # started at the first launch, for the whole sweep
         self.gpus = None if gpus is None else [str(g) for g in gpus]
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
@@ -95,8 +100,9 @@ class DlrunLauncher(Launcher):
                 returns[num] = _job_return(job, earlier)
                 continue
             jobs.append(job)
-        results = run_jobs(jobs, self.n_jobs, gpus, self.jobs_per_gpu, self.timeout, env=traceback_env(),
-                           on_done=self._report)
+        with sigterm_interrupts():
+            results = run_jobs(jobs, self.n_jobs, gpus, self.jobs_per_gpu, self.timeout, env=traceback_env(),
+                               on_done=self._report, fork_server=self.fork_server)
         returns.update({job.num: _job_return(job, results[job.num]) for job in jobs})
         write_summary_files(sweep_dir)
         return [returns[num] for num in sorted(returns)]
@@ -127,8 +133,9 @@ class DlrunLauncher(Launcher):
             on_done(job, summary)
 
         try:
-            run_jobs(jobs(), self.n_jobs, gpus, self.jobs_per_gpu, self.timeout, env=traceback_env(), on_done=done,
-                     prune=prune)
+            with sigterm_interrupts():
+                run_jobs(jobs(), self.n_jobs, gpus, self.jobs_per_gpu, self.timeout, env=traceback_env(),
+                         on_done=done, prune=prune, fork_server=self.fork_server)
         finally:
             write_summary_files(sweep_dir)
 
@@ -143,8 +150,10 @@ class DlrunLauncher(Launcher):
                             "Give the directory of an earlier sweep, e.g. outputs/sweeps/2026-01-31_12-00-00_123456.")
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if sweep_dir not in launched_sweeps:
+            check_sweep_command(sweep_dir, sweep_command(self.config.hydra), resuming=bool(resume))
             launched_sweeps.append(sweep_dir)
             console.print(f"[bold]sweep[/bold] {sweep_dir}" + (" (resumed)" if resume else ""))
+            self._start_fork_server(sweep_dir)  # it imports while the jobs are composed
         return sweep_dir, bool(resume)
 
     def _announce(self, what: str, gpus: list[str]) -> None:
@@ -155,16 +164,24 @@ class DlrunLauncher(Launcher):
 
     def _job_to_run(self, num: int, overrides: Sequence[str], sweep_dir: Path,
                     resume: bool) -> tuple[Job, RunSummary | None]:
-        """The job, and on resume its earlier summary when it completed (it is skipped, and reported so);
-        an unfinished earlier attempt is set aside."""
+        """The job, and on resume its earlier summary when that is its result (a finished job, or one that
+        failed more than `retries` times: skipped, and reported so). An interrupted job with a checkpoint
+        continues (`dlrun resume=<job dir>`); any other earlier attempt is set aside and the job runs afresh."""
+        assert self.config is not None
         # sweep.resume picks the sweep directory; the job itself is the same run as the first time
         job = self._job(num, [o for o in overrides if not o.startswith("sweep.resume=")], sweep_dir)
-        earlier = completed_summary(job.job_dir) if resume else None
-        if earlier is not None:
-            self._report(job, earlier, note="completed earlier, skipped")
+        earlier = earlier_attempt(job.job_dir, self.retries) if resume else None
+        if earlier is not None and earlier.action in ("skip", "give_up"):
+            assert earlier.summary is not None
+            note = (f"{earlier.summary.status} earlier, skipped" if earlier.action == "skip" else
+                    f"failed {earlier.failures} times, not retried (hydra.launcher.retries={self.retries})")
+            self._report(job, earlier.summary, note=note)
+            return job, earlier.summary
+        if earlier is not None and earlier.action == "continue" and job.command is not None:
+            job.command, job.continues = job_resume_command(self.config.hydra, job.job_dir), True
         else:
             set_aside(job.job_dir)
-        return job, earlier
+        return job, None
 
     def _job(self, num: int, overrides: list[str], sweep_dir: Path) -> Job:
         """Compose the job's config (as Hydra's own launcher would) to name its directory and check it."""
@@ -182,7 +199,23 @@ class DlrunLauncher(Launcher):
             return Job(num, overrides, job_dir, None, error=str(user_error or f"{type(err).__name__}: {err}"))
         job_dir = sweep_dir / _dir_name(name)
         command = job_command(self.config.hydra, job_dir, num, overrides)
-        return Job(num, overrides, job_dir, command, monitor=monitor, mode=mode)
+        hardware = {key: OmegaConf.select(job_cfg, f"hardware.{key}", default=None)
+                    for key in ("accelerator", "strategy", "devices", "num_nodes")}
+        forkable = (hardware["accelerator"] in ("cpu", "auto") and hardware["strategy"] == "auto"  # not DDP, whose
+                    and str(hardware["devices"]) in ("1", "auto") and hardware["num_nodes"] == 1)  # ranks re-run argv
+        return Job(num, overrides, job_dir, command, monitor=monitor, mode=mode, forkable=forkable)
+
+    def _start_fork_server(self, sweep_dir: Path) -> None:
+        """Start the sweep's fork server, unless it is off or forking is not safe on this machine: not Linux,
+        or GPUs visible (jobs fork before CUDA starts, but dlrun keeps CUDA machines on fresh processes)."""
+        if self.fork_server is not None or not self.use_fork_server:
+            return
+        if not sys.platform.startswith("linux") or visible_gpus(None):
+            self.use_fork_server = False
+            return
+        env = {**os.environ, **traceback_env(), "PYTHONUNBUFFERED": "1"}  # what a job's imports see
+        self.fork_server = ForkServer(env, stderr=sweep_dir / FORK_SERVER_LOG)
+        atexit.register(self.fork_server.close)
 
     def _override_dirname(self, overrides: list[str]) -> str:
         """Hydra's ${hydra.job.override_dirname}, for a job whose config (which holds it) did not compose."""
@@ -204,7 +237,8 @@ class DlrunLauncher(Launcher):
             return
         if status == "failed":
             reason = (summary.error or "").strip().splitlines()[:1] or [""]
-            console.print(f"[red]✗[/red] {label} failed: {reason[0]} · {job.job_dir / JOB_LOG}", highlight=False)
+            console.print(f"[red]✗[/red] {label} failed: {reason[0]} · " + (f"{note} · " if note else "")
+                          + str(job.job_dir / JOB_LOG), highlight=False)
             return
         value = summary.best_value
         shown = f"{summary.monitor} {format_value(value)}" if value is not None else "no value"

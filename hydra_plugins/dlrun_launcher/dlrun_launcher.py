@@ -40,6 +40,7 @@ from dlrun.sweep.launcher import (
     set_aside,
     visible_gpus,
 )
+from dlrun.sweep.pictures import RECORDED_SWEEP
 from dlrun.sweep.summary import write_summary_files
 
 _MAX_DIR_NAME = 200  # file systems allow 255 bytes per name; long override lists are cut
@@ -97,6 +98,9 @@ class DlrunLauncher(Launcher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if sweep_dir not in launched_sweeps:
             launched_sweeps.append(sweep_dir)
+            # the sweep's config and command line, as Hydra's basic sweeper records them (the Optuna sweeper
+            # does not): the pictures read the search space (log ranges, choices) from it
+            OmegaConf.save(self.config, sweep_dir / RECORDED_SWEEP)
             console.print(f"[bold]sweep[/bold] {sweep_dir}" + (" (resumed)" if resume else ""))
         gpus = visible_gpus(self.gpus)
         console.print(

@@ -277,7 +277,8 @@ def test_sweep_pictures_log_axis_seed_categories_history_and_importances(run_dlr
     assert steps == sorted(steps, reverse=True) and steps[-1] == pytest.approx(min(r["best_value"] for r in rows))
     assert list(best_so_far.get_xdata()) == list(range(8))  # launch order
 
-    importances = pictures.param_importances(rows, keys, kinds, "min")
+    evaluator, importances = pictures.param_importances(rows, keys, kinds, "min")
+    assert evaluator in ("fANOVA", "mean decrease in impurity")
     assert set(importances) == {"optim.lr", "seed"} and sum(importances.values()) == pytest.approx(1.0)
     assert pictures.param_importances(rows[:7], keys, kinds, "min") is None  # too few completed jobs
 

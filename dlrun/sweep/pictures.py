@@ -6,7 +6,7 @@ sweep's recorded command line), so that `dlrun-summary` can redraw them for any 
                                        range, one column of points per value for a categorical key (a choice,
                                        a comma list, a seed), a linear axis otherwise
     <sweep dir>/sweep_curves.png       every job's validation curve on one figure, the best bold, pruned marked
-    <sweep dir>/sweep_importance.png   Optuna's parameter importances (fANOVA), from 8 completed jobs on
+    <sweep dir>/sweep_importance.png   Optuna's parameter importances, from 8 completed jobs on
 
 A job whose summary says `pruned` is a result, drawn as such (hollow marks, a cross where its curve was
 stopped), not a failure. At the end of `dlrun -m` the pictures also go to W&B when the jobs logged there
@@ -222,13 +222,15 @@ def draw_curves(sweep_dir: Path, rows: Sequence[Mapping[str, Any]], monitor: str
 
 
 def param_importances(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], kinds: Mapping[str, str],
-                      mode: str) -> dict[str, float] | None:
-    """{key: importance} by Optuna's fANOVA evaluator, most important first, over the completed jobs; None with
-    fewer than MIN_TRIALS_FOR_IMPORTANCE of them, or when no key took two values among them.
+                      mode: str) -> tuple[str, dict[str, float]] | None:
+    """(evaluator, {key: importance}) by Optuna's importance evaluators, most important first, over the completed
+    jobs; None with fewer than MIN_TRIALS_FOR_IMPORTANCE of them, or when no key took two values among them.
 
     The study is built in memory from the summaries: one COMPLETE trial per job, with distributions inferred
     from the values seen (log or uniform floats over their range, categorical choices); the same calls work
-    on Optuna 2.10 and Optuna >= 3 (FloatDistribution replaced the Uniform distributions).
+    on Optuna 2.10 and Optuna >= 3 (FloatDistribution replaced the Uniform distributions). fANOVA, Optuna's
+    default, comes first; Optuna 2.10's fANOVA fails on current scikit-learn's trees, and mean decrease in
+    impurity (a random forest's own importances) takes its place.
     """
     completed = [r for r in rows if r["status"] == "completed" and _finite(r["best_value"])]
     if len(completed) < MIN_TRIALS_FOR_IMPORTANCE:
@@ -258,14 +260,19 @@ def param_importances(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], ki
                     distributions=distributions, value=r["best_value"], state=optuna.trial.TrialState.COMPLETE)
                 for r in completed
             ])
-            importances = optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+            for name, evaluator in (("fANOVA", optuna.importance.FanovaImportanceEvaluator),
+                                    ("mean decrease in impurity", optuna.importance.MeanDecreaseImpurityImportanceEvaluator)):
+                try:
+                    importances = optuna.importance.get_param_importances(study, evaluator=evaluator(seed=0))
+                except (ValueError, TypeError, RuntimeError):
+                    continue
+                return name, {k: float(v) for k, v in importances.items()}
+            return None
     finally:
         optuna.logging.set_verbosity(verbosity)
-    return {k: float(v) for k, v in importances.items()}
 
 
-def draw_importances(importances: Mapping[str, float], n_trials: int) -> Any:
+def draw_importances(evaluator: str, importances: Mapping[str, float], n_trials: int) -> Any:
     """Horizontal bars, the most important key on top."""
     from matplotlib.figure import Figure
 
@@ -276,7 +283,7 @@ def draw_importances(importances: Mapping[str, float], n_trials: int) -> Any:
     for y, key in enumerate(keys):
         ax.text(importances[key], y, f" {importances[key]:.2f}", va="center", fontsize="small")
     ax.set_xlim(0, 1.1)
-    ax.set_xlabel("importance (fANOVA, sums to 1)")
+    ax.set_xlabel(f"importance ({evaluator}, sums to 1)")
     fig.suptitle(f"parameter importances over {n_trials} completed jobs", fontsize="medium")
     return fig
 
@@ -291,7 +298,7 @@ def write_pictures(sweep_dir: Path, rows: Sequence[Mapping[str, Any]], keys: Seq
         HISTORY_FILE: draw_history(rows, monitor, mode),
         PLOT_FILE: draw_params(rows, keys, kinds, monitor),
         CURVES_FILE: draw_curves(sweep_dir, rows, monitor, mode),
-        IMPORTANCE_FILE: draw_importances(importances, sum(r["status"] == "completed" for r in rows))
+        IMPORTANCE_FILE: draw_importances(*importances, sum(r["status"] == "completed" for r in rows))
         if importances else None,
     }
     written = []

@@ -175,12 +175,16 @@ def draw_params(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], kinds: M
     return fig
 
 
-def draw_curves(sweep_dir: Path, rows: Sequence[Mapping[str, Any]], monitor: str | None, mode: str = "min") -> Any | None:
+def draw_curves(sweep_dir: Path, rows: Sequence[Mapping[str, Any]], monitor: str | None, mode: str = "min",
+                keys: Sequence[str] = ()) -> Any | None:
     """Every job's validation curve of the monitored metric (val/loss when the sweep monitors a training metric)
     against the epoch on one figure: the best job bold, jobs that did not complete dashed, pruned jobs dotted
-    with a cross at the epoch where they were stopped. None when no job logged an epoch."""
+    with a cross at the epoch where they were stopped; each named by its values of the swept `keys` (all its
+    overrides without). None when no job logged an epoch."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
+
+    from dlrun.console import show_value
 
     metric = monitor if monitor and monitor.startswith("val/") else "val/loss"
     curves = []
@@ -194,12 +198,14 @@ def draw_curves(sweep_dir: Path, rows: Sequence[Mapping[str, Any]], monitor: str
         return None
     scored = [job for job, _, _ in curves if job["status"] == "completed" and _finite(job.get("best_value"))]
     best = (min if mode == "min" else max)(scored, key=lambda job: job["best_value"]) if scored else None
-    fig = Figure(figsize=(7.5, 4.2))
-    fig.subplots_adjust(left=0.1, right=0.7 if len(curves) <= _LEGEND_JOBS else 0.97, bottom=0.12, top=0.88)
+    legend = len(curves) <= _LEGEND_JOBS
+    fig = Figure(figsize=(10.0 if legend else 7.5, 4.2))
+    fig.subplots_adjust(left=0.08, right=0.6 if legend else 0.97, bottom=0.12, top=0.88)
     ax = fig.add_subplot(1, 1, 1)
     pruned = 0
     for job, epochs, values in curves:
-        label = f"job {job['job']}: {job.get('overrides') or '(no overrides)'}"[:48]
+        swept = " ".join(f"{k}={show_value(job['params'].get(k))}" for k in keys) if keys else job.get("overrides")
+        label = f"job {job['job']}: {swept or '(no overrides)'}"[:48]
         group = _status_group(job)
         line = ax.plot(epochs, values, label=label + (" (pruned)" if group == "pruned" else ""),
                        linewidth=2.4 if job is best else 1.0, alpha=1.0 if job is best else 0.75,
@@ -212,7 +218,7 @@ def draw_curves(sweep_dir: Path, rows: Sequence[Mapping[str, Any]], monitor: str
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-    if len(curves) <= _LEGEND_JOBS:
+    if legend:
         ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     title = f"{len(curves)} jobs" + (f" ({pruned} pruned: ×)" if pruned else "") + f" · {metric}"
     if best is not None:
@@ -297,7 +303,7 @@ def write_pictures(sweep_dir: Path, rows: Sequence[Mapping[str, Any]], keys: Seq
     figures = {
         HISTORY_FILE: draw_history(rows, monitor, mode),
         PLOT_FILE: draw_params(rows, keys, kinds, monitor),
-        CURVES_FILE: draw_curves(sweep_dir, rows, monitor, mode),
+        CURVES_FILE: draw_curves(sweep_dir, rows, monitor, mode, keys),
         IMPORTANCE_FILE: draw_importances(*importances, sum(r["status"] == "completed" for r in rows))
         if importances else None,
     }

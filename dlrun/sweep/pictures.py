@@ -270,7 +270,7 @@ def param_importances(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], ki
                                     ("mean decrease in impurity", optuna.importance.MeanDecreaseImpurityImportanceEvaluator)):
                 try:
                     importances = optuna.importance.get_param_importances(study, evaluator=evaluator(seed=0))
-                except (ValueError, TypeError, RuntimeError):
+                except (ValueError, TypeError, RuntimeError, ImportError):
                     continue
                 return name, {k: float(v) for k, v in importances.items()}
             return None

@@ -151,7 +151,8 @@ def draw_params(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], kinds: M
         kind = kinds.get(key, LINEAR)
         categories = _categories([r["params"].get(key) for r in scored]) if kind == CATEGORICAL else []
         for group in ("completed", "pruned", "other"):
-            picked = [r for r in scored if _status_group(r) == group]
+            picked = [r for r in scored if _status_group(r) == group
+                      and (kind == CATEGORICAL or _is_number(r["params"].get(key)))]  # a job without the key: no point
             if not picked:
                 continue
             values = [r["params"].get(key) for r in picked]

@@ -24,8 +24,6 @@ import yaml
 from dlrun.rundir import read_summary_file, write_atomic
 
 CURVES_FILE = "curves.png"
-SWEEP_CURVES_FILE = "sweep_curves.png"
-_LEGEND_JOBS = 12  # more jobs than this: no legend (the best one is named in the title)
 # the task's headline score, in the order dlrun.sweep.summary ranks test metrics
 MAIN_SCORES = ("acc", "r2", "bpc", "f1")
 
@@ -116,50 +114,6 @@ def draw(columns: Mapping[str, list[float]], summary: Mapping[str, Any], max_epo
     image = io.BytesIO()
     fig.savefig(image, format="png", dpi=90)
     return image.getvalue()
-
-
-def write_sweep_curves(sweep_dir: str | Path, jobs: list[Mapping[str, Any]], monitor: str | None,
-                       mode: str = "min") -> Path | None:
-    """`<sweep dir>/sweep_curves.png`: every job's validation curve of the monitored metric (val/loss when the
-    sweep monitors a training metric) against the epoch on one figure, the best job bold, jobs that did not
-    complete dashed. `jobs` are dlrun.sweep.summary's rows (job, dir, status, best_value, overrides); None
-    when no job logged an epoch."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    sweep_dir = Path(sweep_dir)
-    metric = monitor if monitor and monitor.startswith("val/") else "val/loss"
-    curves = []
-    for job in jobs:
-        columns = read_metrics(sweep_dir / str(job["dir"]) / "metrics.csv")
-        if columns.get("epoch") and metric in columns:
-            curves.append((job, columns["epoch"], columns[metric]))
-    if not curves:
-        return None
-    scored = [job for job, _, _ in curves if isinstance(job.get("best_value"), float) and math.isfinite(job["best_value"])]
-    best = (min if mode == "min" else max)(scored, key=lambda job: job["best_value"]) if scored else None
-    fig = Figure(figsize=(7.5, 4.2))
-    fig.subplots_adjust(left=0.1, right=0.7 if len(curves) <= _LEGEND_JOBS else 0.97, bottom=0.12, top=0.88)
-    ax = fig.add_subplot(1, 1, 1)
-    for job, epochs, values in curves:
-        label = f"job {job['job']}: {job.get('overrides') or '(no overrides)'}"[:48]
-        ax.plot(epochs, values, label=label, linewidth=2.4 if job is best else 1.0,
-                linestyle="-" if job.get("status") == "completed" else "--", alpha=1.0 if job is best else 0.75)
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    if len(curves) <= _LEGEND_JOBS:
-        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    title = f"{len(curves)} jobs · {metric}"
-    if best is not None:
-        title += f" · best: job {best['job']} ({monitor} = {best['best_value']:.4g})"
-    fig.suptitle(title, fontsize="medium")
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=90)
-    path = sweep_dir / SWEEP_CURVES_FILE
-    write_atomic(path, image.getvalue())
-    return path
 
 
 def _max_epochs(config_file: Path) -> int | None:

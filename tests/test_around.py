@@ -189,20 +189,3 @@ def test_debug_profile_prints_top_operators_and_writes_a_trace(tmp_path):
     names = {event.get("name", "") for event in trace["traceEvents"]}
     assert any(name.startswith("aten::") for name in names)
     assert any("training_step" in name for name in names)  # the recorded steps, one span each
-
-
-def test_sweep_curves_draw_every_job_that_logged_an_epoch(tmp_path):
-    """dlrun-summary's sweep_curves.png: one validation curve per job from its metrics.csv, the best marked."""
-    from dlrun.curves import SWEEP_CURVES_FILE, write_sweep_curves
-
-    jobs = []
-    for num, (lr, losses) in enumerate([(0.1, [1.0, 0.6, 0.5]), (0.01, [1.2, 1.0, 0.9]), (1.0, [])]):
-        job_dir = tmp_path / f"{num}_optim.lr={lr}"
-        job_dir.mkdir()
-        rows = "".join(f"{epoch},{loss},{loss + 0.1}\n" for epoch, loss in enumerate(losses))
-        (job_dir / "metrics.csv").write_text("epoch,val/loss,train/loss\n" + rows)
-        jobs.append({"job": num, "dir": job_dir.name, "status": "completed" if losses else "failed",
-                     "best_value": min(losses) if losses else None, "overrides": f"optim.lr={lr}"})
-    path = write_sweep_curves(tmp_path, jobs, "val/loss", "min")
-    assert path == tmp_path / SWEEP_CURVES_FILE and path.read_bytes()[:4] == b"\x89PNG"
-    assert write_sweep_curves(tmp_path, jobs[2:], "val/loss") is None  # no job logged an epoch: no figure

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from dlrun import CONF_DIR
 from dlrun.run import build_experiment
+from dlrun.sweep import pictures
 from dlrun.sweep import summary as sweep_summary
 from dlrun.sweep.launcher import Job, run_jobs
 from dlrun.sweep.study import SearchSpace
@@ -217,9 +218,82 @@ def test_summary_ranks_jobs_and_aggregates_seeds(tmp_path, capsys):
     assert [r["job"] for r in ranked] == [4, 3, 0, 2, 1, 5]  # best first, the failed job last
     out = capsys.readouterr().out
     assert "mean ± std over seeds" in out and "0.4 ± 0.1" in out and "RuntimeError: boom" in out
-    assert (sweep_dir / "sweep_plot.png").exists()
+    assert (sweep_dir / "sweep_plot.png").exists() and (sweep_dir / "sweep_history.png").exists()
+    assert not (sweep_dir / "sweep_importance.png").exists()  # 5 completed jobs: too few for importances
     rows = list(csv.DictReader((sweep_dir / "sweep_summary.csv").open()))
     assert rows[5]["error"] == "exited with code 1 / RuntimeError: boom"
+
+
+def test_sweep_curves_draw_every_job_that_logged_an_epoch_and_mark_pruned_ones(tmp_path):
+    """sweep_curves.png: one validation curve per job from its metrics.csv, the best bold, a pruned job dotted
+    with a cross where it was stopped (its summary's status, whether or not this dlrun sets it)."""
+    jobs = []
+    for num, (lr, losses, status) in enumerate([(0.1, [1.0, 0.6, 0.5], "completed"), (0.01, [1.2, 1.1], "pruned"),
+                                                (1.0, [], "failed")]):
+        job_dir = tmp_path / f"{num}_optim.lr={lr}"
+        job_dir.mkdir()
+        rows = "".join(f"{epoch},{loss},{loss + 0.1}\n" for epoch, loss in enumerate(losses))
+        (job_dir / "metrics.csv").write_text("epoch,val/loss,train/loss\n" + rows)
+        jobs.append({"job": num, "dir": job_dir.name, "status": status, "best_value": min(losses) if losses else None,
+                     "overrides": f"optim.lr={lr}", "params": {"optim.lr": lr}})
+    [ax] = pictures.draw_curves(tmp_path, jobs, "val/loss", "min").axes
+    best, pruned, cross = ax.get_lines()
+    assert list(best.get_ydata()) == [1.0, 0.6, 0.5] and best.get_linewidth() > pruned.get_linewidth()
+    assert pruned.get_linestyle() == ":" and pruned.get_label().endswith("(pruned)")
+    assert cross.get_marker() == "x" and list(cross.get_xdata()) == [1.0]  # stopped after epoch 1
+    assert "1 pruned" in ax.figure._suptitle.get_text()
+    assert pictures.draw_curves(tmp_path, jobs[2:], "val/loss") is None  # no job logged an epoch: no figure
+    written = pictures.write_pictures(tmp_path, jobs, ["optim.lr"], "val/loss", "min")
+    assert {p.name for p in written} == {"sweep_history.png", "sweep_plot.png", "sweep_curves.png"}
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+@pytest.mark.slow
+def test_sweep_pictures_log_axis_seed_categories_history_and_importances(run_dlrun):
+    """A real 8-trial random search over a log-range learning rate and a seed choice: every picture is drawn,
+    the learning rate on a log axis, the seeds as categories, and Optuna's importances over both keys."""
+    result = run_dlrun("-m", "sweep=random", "sweep.n_trials=8", "optim.lr=tag(log,interval(1e-3,1e-1))",
+                       "seed=choice(0,1,2)", *FAST, "trainer.max_epochs=2", "hydra.launcher.n_jobs=2")
+    (sweep_dir,) = _sweep_dirs(result.output_dir)
+    for name in ("sweep_history.png", "sweep_plot.png", "sweep_curves.png", "sweep_importance.png"):
+        assert (sweep_dir / name).read_bytes()[:4] == b"\x89PNG", name
+        assert name in result.stdout
+    rows = sweep_summary.collect(sweep_dir)
+    assert [r["status"] for r in rows] == ["completed"] * 8
+    keys = sweep_summary.swept_keys(rows)
+    kinds = pictures.axis_kinds(sweep_dir, rows, keys)
+    assert kinds == {"optim.lr": "log", "seed": "categorical"}  # read from the sweep's recorded command line
+
+    lr_ax, seed_ax = pictures.draw_params(rows, keys, kinds, "val/loss").axes
+    assert lr_ax.get_xscale() == "log" and seed_ax.get_xscale() == "linear"
+    seeds = sorted({r["params"]["seed"] for r in rows})
+    assert [t.get_text() for t in seed_ax.get_xticklabels()] == [str(s) for s in seeds]
+    points = seed_ax.collections[0].get_offsets()
+    for (x, y), row in zip(points, rows, strict=True):  # each job's point sits in its seed's column
+        assert abs(x - seeds.index(row["params"]["seed"])) <= 0.15 and y == pytest.approx(row["best_value"])
+
+    [history] = pictures.draw_history(rows, "val/loss", "min").axes
+    [best_so_far] = history.get_lines()
+    steps = list(best_so_far.get_ydata())
+    assert steps == sorted(steps, reverse=True) and steps[-1] == pytest.approx(min(r["best_value"] for r in rows))
+    assert list(best_so_far.get_xdata()) == list(range(8))  # launch order
+
+    evaluator, importances = pictures.param_importances(rows, keys, kinds, "min")
+    assert evaluator in ("fANOVA", "mean decrease in impurity")
+    assert set(importances) == {"optim.lr", "seed"} and sum(importances.values()) == pytest.approx(1.0)
+    assert pictures.param_importances(rows[:7], keys, kinds, "min") is None  # too few completed jobs
+
+    # a job whose summary says pruned (as the pruning launcher writes it) is drawn as pruned
+    job_summary = sweep_dir / rows[3]["dir"] / "summary.json"
+    job_summary.write_text(json.dumps({**json.loads(job_summary.read_text()), "status": "pruned"}))
+    sweep_summary.main([str(sweep_dir)])
+    rows = sweep_summary.collect(sweep_dir)
+    [history] = pictures.draw_history(rows, "val/loss", "min").axes
+    labels = {c.get_label(): len(c.get_offsets()) for c in history.collections}
+    assert labels == {"completed": 7, "pruned": 1}
+    [curves] = pictures.draw_curves(sweep_dir, rows, "val/loss").axes
+    assert [line.get_label().endswith("(pruned)") for line in curves.get_lines() if line.get_marker() != "x"] == \
+        [i == 3 for i in range(8)]
 
 
 def test_sweep_config_group_and_unique_sweep_dirs():

@@ -216,6 +216,15 @@ def test_sweep_jobs_are_runs_of_one_group_and_a_crashed_job_finishes_its_run(run
     assert completed.exit_code == 0 and completed.summary["status"] == "completed"
     assert [row["epoch"] for row in completed.history] == [0, 1]
     assert completed.config["model"]["crash_after"] == -1 and crashed.config["model"]["crash_after"] == 4
+    if launcher == "dlrun":  # at the end of the sweep, its pictures go to one more run of the group
+        [pictures] = wandb_runs(sweep_dir / "wandb")
+        assert pictures.run.job_type == "sweep" and pictures.run.run_group == sweep_dir.name
+        [row] = pictures.history
+        for name in ("sweep_history", "sweep_plot", "sweep_curves"):  # W&B records an image as nested keys
+            assert row[f"{name}._type"] == "image-file"
+            assert (pictures.path.parent / "files" / row[f"{name}.path"]).read_bytes()[:4] == b"\x89PNG"
+        assert pictures.summary["jobs/failed"] == pictures.summary["jobs/completed"] == 1
+        assert pictures.exit_code == 0
 
 
 @pytest.mark.slow

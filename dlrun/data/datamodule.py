@@ -194,8 +194,8 @@ class StreamedSplit(torch.utils.data.Dataset):
     def __getitem__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         positions = positions.numpy()
         x, y = self.to_tensors(self.x.take(positions), self.y[positions])
-        if self.norm is not None:
-            x = (x - self.norm[0]) / self.norm[1]
+        if self.norm is not None:  # in place: x is this batch's own copy, and a fresh batch-sized tensor costs page faults
+            x.sub_(self.norm[0]).div_(self.norm[1])
         return x, y
 
 

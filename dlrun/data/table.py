@@ -148,7 +148,8 @@ class Table(InMemoryDataModule):
 
     def _encode(self, frame: pd.DataFrame) -> np.ndarray:
         """The feature columns of `frame` as numbers (see `_encode_column`), one column each."""
-        x = np.empty((len(frame), len(self.features)), dtype=np.float64)
+        # column-major: each column is written in one contiguous run (row-major, every write is strided)
+        x = np.empty((len(frame), len(self.features)), dtype=np.float64, order="F")
         for j, name in enumerate(self.features):
             x[:, j] = self._encode_column(frame[name])
         return x
@@ -201,8 +202,9 @@ class Table(InMemoryDataModule):
     def fit(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         """The preprocessing's state, from the training split `x`, `y` only."""
         columns = []
+        by_column = np.ascontiguousarray(x.T)  # one pass over x: a column of x is strided, a row of this is not
         for j, name in enumerate(self.features):
-            values = x[:, j]
+            values = by_column[j]
             present = values[~np.isnan(values)]
             if len(present) == 0:
                 raise DataError(f"dataset={self.name}: the column {name!r} has no value in the training split, so "
@@ -247,26 +249,30 @@ class Table(InMemoryDataModule):
             raise ValueError(f"it was fitted on the columns {[c['name'] for c in columns]}, not {self.features}")
         widths = [1 if c["kind"] == "numeric" else len(c["categories"]) for c in columns]
         starts = np.cumsum([0, *widths[:-1]])
-        out = np.empty((len(x), sum(widths)), dtype=np.float32)
+        out = np.zeros((len(x), sum(widths)), dtype=np.float32)  # zeros: the one-hot blocks need only their ones
         numeric = [j for j, c in enumerate(columns) if c["kind"] == "numeric"]
-        if numeric:  # all numeric columns at once: one pass over a contiguous block
+        if numeric:  # all numeric columns at once, in place on one copy (float64, then float32 once)
             block = x[:, numeric]
             fill, mean, std = (np.array([float(columns[j][k]) for j in numeric]) for k in ("fill", "mean", "std"))
-            block = np.where(np.isnan(block), fill, block)
-            out[:, starts[numeric]] = (block - mean) / std
-        for j, column in enumerate(columns):
-            if column["kind"] == "numeric":
-                continue
-            categories = column["categories"]
-            position = {str(c): i for i, c in enumerate(categories)}
-            levels = self.levels[column["name"]]
-            # this file's value index -> one-hot position (-1: never seen in training); the last entry: missing
-            lookup = np.array([position.get(v, -1) for v in levels] + [position.get(column["fill"], -1)])
-            hot = lookup[np.nan_to_num(x[:, j], nan=len(levels)).astype(np.int64)]
-            codes = np.zeros((len(x), len(categories)), dtype=np.float32)
-            rows = np.nonzero(hot >= 0)[0]
-            codes[rows, hot[rows]] = 1.0
-            out[:, starts[j] : starts[j] + len(categories)] = codes
+            np.copyto(block, np.broadcast_to(fill, block.shape), where=np.isnan(block))
+            block -= mean
+            block /= std
+            out[:, starts[numeric]] = block
+        categorical = [j for j, c in enumerate(columns) if c["kind"] == "categorical"]
+        if categorical:
+            # each row's one-hot column in `out` per text column (-1: a value never seen in training), then
+            # every one set by a single scatter
+            codes = np.ascontiguousarray(x[:, categorical].T)  # one row per text column: contiguous
+            hot = np.empty((len(categorical), len(x)), dtype=np.int64)
+            for i, j in enumerate(categorical):
+                column = columns[j]
+                position = {str(c): starts[j] + k for k, c in enumerate(column["categories"])}
+                levels = self.levels[column["name"]]
+                # this file's value index -> column of `out`; the last entry: a missing value (the fill's)
+                lookup = np.array([position.get(v, -1) for v in levels] + [position.get(column["fill"], -1)])
+                hot[i] = lookup[np.nan_to_num(codes[i], nan=len(levels)).astype(np.int64)]
+            flat = hot + np.arange(len(x)) * out.shape[1]  # positions in out's flat buffer
+            out.reshape(-1)[flat[hot >= 0]] = 1.0
         if state["task"] == "regression":
             y = (y - float(state["target_mean"])) / float(state["target_std"])
         return out, y

@@ -2,9 +2,9 @@
 
     <sweep dir>/sweep_summary.csv    one row per job: overrides, swept values, status, best monitored
     <sweep dir>/sweep_summary.json   value, test metrics, epochs, seconds, start/end times, error
-    <sweep dir>/sweep_plot.png       the monitored metric against each swept value
 
-plus a table in the terminal, sorted by the metric, and mean ± std over seeds for jobs that differ
+plus the pictures of dlrun/sweep/pictures.py (optimization history, the metric against each swept key,
+every job's learning curve, parameter importances) and a table in the terminal, sorted by the metric, and mean ± std over seeds for jobs that differ
 only by `seed`. Because it reads only the job directories, the summary of a sweep that crashed, was
 killed or was resumed is as good as any: `dlrun-summary <sweep dir>` rebuilds and prints it.
 """
@@ -26,16 +26,15 @@ from rich import box
 from rich.table import Table
 
 from dlrun.console import console, print_user_error, show_value
-from dlrun.curves import SWEEP_CURVES_FILE, write_sweep_curves
 from dlrun.error_boundary import boundary
 from dlrun.errors import UserError
 from dlrun.metrics import headline_test_names
 from dlrun.run_summary import RunSummary
 from dlrun.rundir import read_summary_file, write_atomic
+from dlrun.sweep.pictures import upload_to_wandb, write_pictures
 
 CSV_FILE = "sweep_summary.csv"
 JSON_FILE = "sweep_summary.json"
-PLOT_FILE = "sweep_plot.png"
 _CSV_ERROR_CHARS = 500  # the CSV keeps the error on one line; the JSON keeps all of it
 _FIXED_COLUMNS = ("job", "status", "overrides")
 _RESULT_COLUMNS = ("monitor", "best_value", "best_epoch", "epochs", "seconds", "started_at", "finished_at")
@@ -165,44 +164,6 @@ def write_summary_files(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """The monitored value against each swept value, one panel per key (log x for wide positive ranges).
-
-    Uses matplotlib's Figure directly (the Agg canvas), never pyplot: no display, no global state.
-    Returns None when there is nothing to draw (no completed job, nothing swept).
-    """
-    monitor, _ = objective(rows)
-    done = [r for r in rows if _finite(r["best_value"])]
-    keys = swept_keys(rows)
-    if not done or not keys:
-        return None
-    from matplotlib.figure import Figure
-
-    columns = min(len(keys), 3)
-    lines = math.ceil(len(keys) / columns)
-    fig = Figure(figsize=(4.2 * columns, 3.4 * lines), layout="constrained")
-    for i, key in enumerate(keys):
-        ax = fig.add_subplot(lines, columns, i + 1)
-        xs = [r["params"].get(key) for r in done]
-        ys = [r["best_value"] for r in done]
-        if all(isinstance(x, (int, float)) for x in xs):
-            ax.scatter(xs, ys)
-            if min(xs) > 0 and max(xs) / min(xs) >= 100:
-                ax.set_xscale("log")
-        else:
-            labels = sorted({str(x) for x in xs})
-            ax.scatter([labels.index(str(x)) for x in xs], ys)
-            ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 4 else 0)
-        ax.set_xlabel(key)
-        ax.set_ylabel(monitor or "best value")
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{len(done)} of {len(rows)} jobs with a value")
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=100)
-    write_atomic(path, image.getvalue())  # like every result file: never half written
-    return path
-
-
 def headline_test_keys(rows: list[dict[str, Any]], monitor: str | None) -> list[str]:
     """The test metrics a terminal table has room for: the monitored metric's test twin, then the task's
     headline score (dlrun/metrics.py: HEADLINE), two in all; the summary files keep every one."""
@@ -248,27 +209,31 @@ def print_summary(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
             console.print(_last_lines(r["error"], 4), highlight=False, markup=False)
 
 
-def report(sweep_dir: Path) -> int:
-    """Write the summary files and the plot, print the table; return the number of failed jobs."""
+def report(sweep_dir: Path, to_wandb: bool = False) -> int:
+    """Write the summary files and the pictures (also to W&B with `to_wandb`, when the jobs logged there),
+    print the table; return the number of failed jobs."""
     sweep_dir = Path(sweep_dir)
     rows = write_summary_files(sweep_dir)
-    plotted = plot(rows, sweep_dir / PLOT_FILE)
-    curves = write_sweep_curves(sweep_dir, rows, *objective(rows))
+    pictures = write_pictures(sweep_dir, rows, swept_keys(rows), *objective(rows))
     print_summary(rows, sweep_dir)
     failed = sum(r["status"] == "failed" for r in rows)
-    files = ", ".join(f for f in (CSV_FILE, JSON_FILE, plotted and PLOT_FILE, curves and SWEEP_CURVES_FILE) if f)
+    files = ", ".join([CSV_FILE, JSON_FILE, *(p.name for p in pictures)])
     console.print(f"{len(rows) - failed} of {len(rows)} jobs without failure · {files} in {sweep_dir}")
+    uploaded = upload_to_wandb(sweep_dir, pictures, rows) if to_wandb else None
+    if uploaded:
+        console.print(f"[bold]W&B[/bold] the sweep's pictures: {uploaded}", soft_wrap=True, highlight=False)
     return failed
 
 
 def end_of_sweeps() -> int | None:
-    """After `dlrun -m`: report every sweep this process launched; the number of failed jobs, or None
+    """After `dlrun -m`: report every sweep this process launched (its pictures also to W&B when its jobs logged
+    there; `dlrun-summary` redraws them locally only); the number of failed jobs, or None
     when no sweep was launched (a single run, or a sweep refused before its first job)."""
     from dlrun.sweep.launcher import launched_sweeps
 
     if not launched_sweeps:
         return None
-    return sum(report(sweep_dir) for sweep_dir in launched_sweeps)
+    return sum(report(sweep_dir, to_wandb=True) for sweep_dir in launched_sweeps)
 
 
 def main(argv: list[str] | None = None) -> None:

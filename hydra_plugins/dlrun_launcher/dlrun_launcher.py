@@ -37,6 +37,7 @@ from dlrun.errors import UserError
 from dlrun.run_summary import RunSummary
 from dlrun.sweep.fork_server import ForkServer
 from dlrun.sweep.launcher import JOB_LOG, Job, launched_sweeps, run_jobs, sigterm_interrupts, visible_gpus
+from dlrun.sweep.pictures import RECORDED_SWEEP
 from dlrun.sweep.resume import check_sweep_command, earlier_attempt, set_aside
 from dlrun.sweep.summary import write_summary_files
 
@@ -152,6 +153,9 @@ class DlrunLauncher(Launcher):
         if sweep_dir not in launched_sweeps:
             check_sweep_command(sweep_dir, sweep_command(self.config.hydra), resuming=bool(resume))
             launched_sweeps.append(sweep_dir)
+            # the sweep's config and command line, as Hydra's basic sweeper records them (the Optuna sweeper
+            # does not): the pictures read the search space (log ranges, choices) from it
+            OmegaConf.save(self.config, sweep_dir / RECORDED_SWEEP)
             console.print(f"[bold]sweep[/bold] {sweep_dir}" + (" (resumed)" if resume else ""))
             self._start_fork_server(sweep_dir)  # it imports while the jobs are composed
         return sweep_dir, bool(resume)

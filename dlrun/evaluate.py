@@ -94,6 +94,20 @@ def _load(run_dir: RunDir, checkpoint_path: Path, cfg: DictConfig):
     return datamodule, module, checkpoint
 
 
+def require_predictor(module, spec, tool: str) -> None:
+    """Refuse a run whose network does not map each input to its own prediction, for the tools that feed it
+    inputs one by one (dlrun-predict, dlrun-export): models of the inputs alone, and graph models, which
+    read every node of their graph at once."""
+    if module.task.kind in INPUT_TASKS:
+        raise UserError(f"this run trained a model of the inputs alone ({module.task.kind}): it predicts no "
+                        f"targets, which {tool} needs.",
+                        "Use dlrun-eval for its metrics; its pictures are in the run directory.", title="Not supported")
+    if spec.graph is not None:
+        raise UserError(f"this run trained on the nodes of one graph (dataset={spec.name}): its network reads all "
+                        f"of them at once, and {tool} gives it inputs one by one.",
+                        "Use dlrun-eval for its metrics on the graph's splits.", title="Not supported")
+
+
 def _test(module, datamodule, split: str, root: Path) -> tuple[dict[str, float], str]:
     """`split`'s metrics of `module`, through Lightning's test loop as in training; and the device used."""
     import pytorch_lightning as pl

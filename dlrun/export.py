@@ -45,7 +45,7 @@ class ExportFailed(UserError):
 
 def export(target: str | Path, fmt: str = "onnx", which: str = "best", output: str | Path | None = None) -> dict[str, Any]:
     """Export the run's checkpoint in `fmt`, check it, write the sidecar; return the sidecar's content."""
-    from dlrun.evaluate import _choices, _load, resolve
+    from dlrun.evaluate import _choices, _load, require_predictor, resolve
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: expected one of {', '.join(FORMATS)}.")
@@ -58,6 +58,7 @@ def export(target: str | Path, fmt: str = "onnx", which: str = "best", output: s
     cfg = run_dir.read_config()
     validate(cfg)
     datamodule, module, checkpoint = _load(run_dir, checkpoint_path, cfg)
+    require_predictor(module, datamodule.spec, "dlrun-export")
     model_name = _choices(run_dir).get("model") or cfg.model.get("_target_", "?")
     network = module.network.cpu().eval()
     inputs = datamodule.inputs("test", CHECK_SAMPLES)

@@ -30,7 +30,6 @@ import numpy as np
 
 from dlrun.config import validate
 from dlrun.console import console
-from dlrun.data.spec import INPUT_TASKS
 from dlrun.error_boundary import boundary
 from dlrun.errors import DataError, UserError
 from dlrun.rundir import check_checkpoint_file, write_atomic
@@ -42,7 +41,7 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
 def predict(target: str | Path, inputs: list[str | Path], which: str = "best",
             out: str | Path | None = None) -> dict[str, Any]:
     """Predict on `inputs` with the run's checkpoint; write the CSV and return what was done."""
-    from dlrun.evaluate import _load, resolve
+    from dlrun.evaluate import _load, require_predictor, resolve
 
     paths = [_existing(p) for p in inputs]
     run_dir, checkpoint_path = resolve(target, which)
@@ -54,9 +53,7 @@ def predict(target: str | Path, inputs: list[str | Path], which: str = "best",
     if spec.per_step:
         raise UserError(f"dataset={datamodule.name} predicts at every time step; dlrun-predict writes one "
                         "prediction per input.", "Use dlrun-eval for its metrics.", title="Not supported")
-    if module.task.kind in INPUT_TASKS:
-        raise UserError(f"this run trained a model of the inputs alone ({module.task.kind}): it predicts no labels.",
-                        "Use dlrun-eval for its metrics; its pictures are in the run directory.", title="Not supported")
+    require_predictor(module, spec, "dlrun-predict")
     ids, x = read_inputs(datamodule, paths)
     outputs = _outputs(module.network, datamodule.prepare_inputs(x))
     frame = _table(ids, outputs, spec, datamodule.preprocessing)

@@ -147,3 +147,24 @@ def test_digits_predicts_on_an_npz_of_x_and_a_run_without_checkpoint_is_refused(
 def test_the_console_script_is_declared():
     pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
     assert 'dlrun-predict = "dlrun.predict:main"' in pyproject
+
+
+@pytest.mark.slow
+def test_graph_and_generative_runs_are_refused_by_the_tools_that_feed_inputs_one_by_one(run_dlrun, tmp_path, capsys):
+    """A gcn reads every node of its graph at once, a VAE predicts no targets: dlrun-predict and dlrun-export
+    end in a panel (exit 2) naming why, not in a traceback."""
+    from dlrun.export import main as export_main
+
+    np.savez(tmp_path / "x.npz", X=np.zeros((3, 34), dtype=np.float32))
+    for args, why in ((("model=gcn", "dataset=karate"), "nodes of one graph"),
+                      (("model=vae", "dataset=digits"), "inputs alone")):
+        run_dir = sorted(run_dlrun(*args, "debug=fast").run_dirs)[-1]  # the newest: this model's
+        assert why in refused(capsys, run_dir, tmp_path / "x.npz")
+        try:
+            export_main([str(run_dir), "--format", "torchscript"])
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
+        printed = capsys.readouterr()
+        panel = " ".join(line.strip("│ ") for line in (printed.out + printed.err).splitlines())
+        assert code == 2 and why in panel and "Traceback" not in panel, panel

@@ -133,3 +133,14 @@ def sigterm_after_two_epochs(command: list[str], env: dict[str, str], out: Path)
     stdout, stderr = proc.communicate(timeout=300)
     return proc.returncode, stdout, stderr
 
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks train many times faster on one thread than on two busy cores that spin-wait
+    (a module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

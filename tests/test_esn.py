@@ -12,13 +12,7 @@ from dlrun.data.spec import DataSpec
 from dlrun.errors import UserError
 from tests.test_models import build, fit
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 SPEC = DataSpec("sine_seq", "regression", (20, 1), 1)

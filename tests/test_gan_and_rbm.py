@@ -23,13 +23,7 @@ from tests.test_robustness import StopAt, _assert_same_run, _fit
 QUIET = ("callbacks.progress_bar=false", "callbacks.model_summary=false")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks train faster on one thread than on two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _train(compose_cfg, tmp_path, *overrides: str):

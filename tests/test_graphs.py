@@ -23,13 +23,7 @@ from dlrun.training.module import Experiment
 from dlrun.training.tasks import make_task
 from tests.test_models import model_cfg
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def node_accuracy(model: str, datamodule, epochs: int = 20, **knobs) -> float:

@@ -15,32 +15,22 @@ import argparse
 import json
 import math
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from timed_sweep import timed_sweep  # beside this file: python puts benchmarks/ on the path
 
 SPACE = ["optim.lr=tag(log,interval(1e-4,3e-1))", "model.width=choice(16,32,64,128,256)"]
 
 
 def run_search(pruner: str, trials: int, epochs: int, parallel: int, workdir: Path) -> dict:
     """One sweep; its epochs trained (over every job), wall time, best value and job counts."""
-    out = workdir / pruner
-    env = {**os.environ, "DLRUN_OUTPUT_DIR": str(out)}
-    command = [sys.executable, "-m", "dlrun.cli", "-m", "sweep=random", f"sweep.n_trials={trials}", "sweep.seed=0",
-               f"sweep.pruner={pruner}", *SPACE, "dataset=digits", f"trainer.max_epochs={epochs}",
-               "callbacks.early_stopping.enabled=false", f"hydra.launcher.n_jobs={parallel}", "print_config=false",
-               "callbacks.progress_bar=false", "callbacks.model_summary=false"]
-    start = time.perf_counter()
-    proc = subprocess.run(command, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"sweep failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    (sweep_dir,) = (out / "sweeps").iterdir()
+    sweep_dir, wall = timed_sweep(
+        ["sweep=random", f"sweep.n_trials={trials}", "sweep.seed=0", f"sweep.pruner={pruner}", *SPACE, "dataset=digits",
+         f"trainer.max_epochs={epochs}", "callbacks.early_stopping.enabled=false", f"hydra.launcher.n_jobs={parallel}",
+         "print_config=false", "callbacks.progress_bar=false", "callbacks.model_summary=false"], workdir / pruner)
     jobs = json.loads((sweep_dir / "sweep_summary.json").read_text())["jobs"]
     trained = sum(j["epochs"] or 0 for j in jobs)  # whole epochs: a pruned job's last, cut short, is not counted
     values = [j["best_value"] for j in jobs if isinstance(j["best_value"], float) and math.isfinite(j["best_value"])]

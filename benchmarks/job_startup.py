@@ -16,31 +16,22 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from timed_sweep import timed_sweep  # beside this file: python puts benchmarks/ on the path
 
 VARIANTS = {"fresh process": "false", "fork server": "true"}  # hydra.launcher.fork_server
 
 
 def run_sweep(n_jobs: int, fork_server: str, workdir: Path) -> dict:
     """One sweep of `n_jobs` seeds: its wall time and the per-job means."""
-    out = workdir / f"fork_server_{fork_server}"
-    env = {**os.environ, "DLRUN_OUTPUT_DIR": str(out)}
     seeds = ",".join(str(s) for s in range(n_jobs))
-    command = [sys.executable, "-m", "dlrun.cli", "-m", f"seed={seeds}", "debug=fast", "print_config=false",
-               "callbacks.progress_bar=false", f"hydra.launcher.fork_server={fork_server}"]
-    start = time.perf_counter()
-    proc = subprocess.run(command, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"sweep failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    summaries = [json.loads(p.read_text()) for p in out.glob("sweeps/*/*/summary.json")]
+    sweep_dir, wall = timed_sweep([f"seed={seeds}", "debug=fast", "print_config=false", "callbacks.progress_bar=false",
+                                   f"hydra.launcher.fork_server={fork_server}"], workdir / f"fork_server_{fork_server}")
+    summaries = [json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")]
     process = [s["sweep_job"]["process_seconds"] for s in summaries]
     own = [s["wall_seconds"] for s in summaries]
     return {

@@ -11,29 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from timed_sweep import timed_sweep  # beside this file: python puts benchmarks/ on the path
 
 
 def run_sweep(n_jobs: int, parallel: int, workdir: Path) -> dict:
     """Run one `dlrun -m` sweep of `n_jobs` seeds, `parallel` at a time; its wall time and job times."""
-    out = workdir / f"parallel_{parallel}"
-    env = {**os.environ, "DLRUN_OUTPUT_DIR": str(out)}
     seeds = ",".join(str(s) for s in range(n_jobs))
-    command = [sys.executable, "-m", "dlrun.cli", "-m", f"seed={seeds}", "debug=fast",
-               f"hydra.launcher.n_jobs={parallel}"]
-    start = time.perf_counter()
-    proc = subprocess.run(command, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"sweep failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    (sweep_dir,) = (out / "sweeps").iterdir()
+    sweep_dir, wall = timed_sweep([f"seed={seeds}", "debug=fast", f"hydra.launcher.n_jobs={parallel}"],
+                                  workdir / f"parallel_{parallel}")
     jobs = json.loads((sweep_dir / "sweep_summary.json").read_text())["jobs"]
     return {"parallel": parallel, "jobs": len(jobs), "wall_seconds": round(wall, 2),
             "mean_job_seconds": round(sum(j["seconds"] for j in jobs) / len(jobs), 2)}

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from sklearn.metrics import f1_score
 from dlrun import CONF_DIR
 from dlrun.command_line import rank_command
 from dlrun.config import find_problems
+from dlrun.sweep.study import SHARED_STUDY_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -285,6 +287,30 @@ def test_sweep_on_slurm_runs_ddp_jobs_as_slurm_tasks(run_dlrun, slurm_cluster):
         assert "GLOBAL_RANK: 1" not in (path.parent / "dlrun.log").read_text()  # rank 1's task logs nowhere
     # each job went through sbatch: submitit's per-task results (2 jobs x 2 tasks) lie in the sweep
     assert len(list(sweep.glob(".submitit/*/*_result.pkl"))) == 4
+
+
+@pytest.mark.slow
+def test_two_slurm_workers_ask_and_tell_one_study(run_dlrun, slurm_cluster):
+    """sweep.workers=2: two SLURM jobs ask and run trials of one study (the journal in the sweep directory)
+    until it holds exactly sweep.n_trials; each trial ran in its own job directory, and the submitting process
+    reports every job as a sweep run here does."""
+    result = run_dlrun("-m", "hydra/launcher=slurm", "sweep=random", "sweep.workers=2", "sweep.n_trials=4",
+                       "optim.lr=tag(log,interval(1e-3,1e-1))", "debug=fast", "hydra.launcher.timeout_min=10",
+                       env=slurm_cluster)
+    (sweep,) = (result.output_dir / "sweeps").iterdir()
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(sweep / SHARED_STUDY_FILE)))
+    trials = optuna.load_study(study_name=sweep.name, storage=storage).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4  # exactly n_trials, all told
+    for trial in trials:
+        (summary,) = sweep.glob(f"{trial.number}_*/summary.json")  # job number = trial number
+        assert trial.value == pytest.approx(json.loads(summary.read_text())["best_value"])
+    # both workers (submitit's <array job>_<index>, as the submitting process printed them) ran trials
+    workers = {t.user_attrs["worker"] for t in trials}
+    assert len(workers) == 2 and all(worker in result.stdout for worker in workers), result.stdout
+    rows = json.loads((sweep / "sweep_summary.json").read_text())["jobs"]
+    assert sorted(row["job"] for row in rows) == sorted(t.number for t in trials)
+    best = min(trials, key=lambda t: t.value)
+    assert OmegaConf.load(sweep / "optimization_results.yaml").best_value == pytest.approx(best.value)
 
 
 @pytest.mark.slow

@@ -3,18 +3,20 @@ in its storage, the pruner, and each running job's progress reported to its tria
 
 The study lives in a storage, not in memory: `<sweep dir>/optuna.db` (SQLite) unless `sweep.storage`
 names an RDB URL (`postgresql://...`, `sqlite:////shared/study.db`) or a journal file (a plain path:
-Optuna's JournalStorage, which many processes on a shared file system can append to). `optuna-dashboard
-<storage>` shows it live. The sweeper (hydra_plugins/dlrun_launcher/dlrun_sweeper.py) asks a trial when a
+Optuna's JournalStorage, which many processes on a shared file system can append to). A sweep with
+SLURM workers (sweep.workers) keeps it in the journal `<sweep dir>/optuna.journal` by default: SQLite's
+locks do not hold on the network file systems that nodes share. `optuna-dashboard <storage>` shows it live. The sweeper (hydra_plugins/dlrun_launcher/dlrun_sweeper.py) asks a trial when a
 launcher slot frees, and tells it when its job ends; a job reports its monitored value through the
 `metrics.csv` its csv logger rewrites after every epoch, which `Progress` reads between polls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ from dlrun.errors import UserError
 from dlrun.run_summary import RunSummary
 
 STUDY_FILE = "optuna.db"  # the default storage, in the sweep directory
+SHARED_STUDY_FILE = "optuna.journal"  # the default storage of a sweep with workers on several nodes
+_ASK_LOCK = ".ask"  # in the sweep directory: <_ASK_LOCK>.lock while a process asks for a trial
 PRUNERS: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
     "none": optuna.pruners.NopPruner,
     "median": optuna.pruners.MedianPruner,  # below the median of earlier trials at the same epoch
@@ -100,10 +104,12 @@ def _distribution(override: Override) -> BaseDistribution:
     return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
 
 
-def storage_for(setting: str | None, sweep_dir: Path) -> str | optuna.storages.BaseStorage:
-    """sweep.storage: null -> `<sweep dir>/optuna.db`; an RDB URL as it is; any other text, a journal file."""
-    if setting is None:
+def storage_for(setting: str | None, sweep_dir: Path, shared: bool = False) -> str | optuna.storages.BaseStorage:
+    """sweep.storage: null -> `<sweep dir>/optuna.db`, or for workers on several nodes (`shared`) the journal
+    `<sweep dir>/optuna.journal`; an RDB URL as it is; any other text, a journal file."""
+    if setting is None and not shared:
         return f"sqlite:///{Path(sweep_dir).absolute() / STUDY_FILE}"
+    setting = setting or str(Path(sweep_dir) / SHARED_STUDY_FILE)
     if "://" in setting:
         return setting
     path = Path(setting).expanduser().absolute()
@@ -130,6 +136,19 @@ def ask(study: optuna.Study, space: SearchSpace) -> optuna.Trial:
     trial = study.ask(space.distributions)
     trial.set_user_attr(_JOB, job_number(trial))
     return trial
+
+
+@contextlib.contextmanager
+def asking(sweep_dir: Path) -> Iterator[None]:
+    """One process of a sweep at a time counts the study's trials and asks for the next one (a lock file in
+    the sweep directory, which its workers share: Optuna's own, safe on NFS, released by force after 30 s
+    if its holder died), so that workers sharing the study stop at exactly sweep.n_trials."""
+    lock = optuna.storages.journal.JournalFileOpenLock(str(Path(sweep_dir) / _ASK_LOCK))
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def job_number(trial: optuna.trial.BaseTrial) -> int:

@@ -20,7 +20,7 @@ import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional  # noqa: UP035  OmegaConf's schema types
+from typing import Any, Callable, List, Optional  # noqa: UP035  OmegaConf's schema types
 
 from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
@@ -93,8 +93,35 @@ class ContainerSlurmLauncher(SlurmLauncher):
         self.container_options = list(container_options or [])
 
     def launch(self, job_overrides, initial_job_idx):
-        if not self.container:
+        python = self._container_python()
+        if python is None:
             return super().launch(job_overrides, initial_job_idx)
+        with _submitit_python(python):
+            return super().launch(job_overrides, initial_job_idx)
+
+    def submit_workers(self, work: Callable[[int], Any], count: int) -> list:
+        """`count` SLURM jobs running work(0), ..., work(count - 1): this launcher's partition, time limit,
+        resources, sbatch options and container, but one task on one node each (a sweep's workers,
+        sweep.workers, which start their trials' processes themselves). Returns submitit's jobs."""
+        import submitit
+        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+        from omegaconf import OmegaConf
+
+        params = {**self.params, "nodes": 1, "tasks_per_node": 1}
+        folder, max_num_timeout = params.pop("submitit_folder"), params.pop("max_num_timeout")
+        python = self._container_python()
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=max_num_timeout,
+                                         **({"slurm_python": python} if python else {}))
+        common = set(OmegaConf.structured(BaseQueueConf).keys())  # as hydra-submitit-launcher names them
+        executor.update_parameters(**{k if k in common else f"slurm_{k}": v for k, v in params.items()})
+        with executor.batch():
+            jobs = [executor.submit(work, worker) for worker in range(count)]
+        return jobs
+
+    def _container_python(self) -> Optional[str]:  # noqa: UP045
+        """What submitit runs in place of `python` with `container` set (see container_command); else None."""
+        if not self.container:
+            return None
         paths = self.config.paths
         output_root, data_dir = Path(str(paths.output_dir)).absolute(), Path(str(paths.data_dir)).absolute()
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
@@ -107,7 +134,5 @@ class ContainerSlurmLauncher(SlurmLauncher):
                               if s.scheme() == "file"} - set(writable))
         # paths.* resolve again inside the job: to the same host paths, not the image's /outputs and /data
         env = {"DLRUN_OUTPUT_DIR": str(output_root), "DLRUN_DATA_DIR": str(data_dir)}
-        python = container_command(self.container_runtime, self.container, writable, config_dirs, env,
-                                   self.container_options)
-        with _submitit_python(python):
-            return super().launch(job_overrides, initial_job_idx)
+        return container_command(self.container_runtime, self.container, writable, config_dirs, env,
+                                 self.container_options)

@@ -51,6 +51,7 @@ from dlrun.sweep.study import (
     storage_for,
     tell,
 )
+from hydra_plugins.dlrun_launcher import slurm_container as slurm
 from hydra_plugins.dlrun_launcher.dlrun_launcher import DlrunLauncher
 
 RESULTS_FILE = "optimization_results.yaml"  # the best trial, as hydra-optuna-sweeper wrote it
@@ -183,6 +184,21 @@ class DlrunOptunaSweeper(Sweeper):
         """sweep.workers: submit that many SLURM jobs running `work`, wait for them (cancel them if this
         process is stopped), and leave the report to the end of the sweep, as for a sweep run here."""
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
+        self._check_workers()
+        # dlrun's launcher, without jobs of its own here: it checks the config and the command (on resume),
+        # records the sweep, and names it for the report at the end of `dlrun -m`
+        recorder = DlrunLauncher(fork_server=False)
+        recorder.setup(hydra_context=self.hydra_context, task_function=self.task_function, config=self.config)
+        sweep_dir, resume = recorder.sweep_dir()
+        study = self._study(sweep_dir, resume)
+        if self._to_ask(study) > 0:
+            work = functools.partial(self.work, space, pruning, Singleton.get_state())
+            self._wait_for(self.launcher.submit_workers(work, self.workers), sweep_dir)
+        self._write_results(study, sweep_dir)
+
+    def _check_workers(self) -> None:
+        """Refuse, before anything is submitted, what SLURM workers cannot run."""
+        assert self.config is not None
         # hydra/launcher=slurm's ContainerSlurmLauncher (Hydra loads that plugin module apart: no isinstance)
         if not hasattr(self.launcher, "submit_workers"):
             raise UserError(f"sweep.workers={self.workers} submits SLURM jobs; this sweep's launcher is "
@@ -202,38 +218,29 @@ class DlrunOptunaSweeper(Sweeper):
                             "one at a time on one device.", "Use one device per job, or leave sweep.workers out: "
                             "hydra/launcher=slurm then runs every trial as a SLURM job of its own (DDP tasks "
                             "included).", title="Workers run one-device jobs")
-        # dlrun's launcher, without jobs of its own here: it checks the config and the command (on resume),
-        # records the sweep, and names it for the report at the end of `dlrun -m`
-        recorder = DlrunLauncher(fork_server=False)
-        recorder.setup(hydra_context=self.hydra_context, task_function=self.task_function, config=self.config)
-        sweep_dir, resume = recorder.sweep_dir()
-        study = self._study(sweep_dir, resume)
-        if self._to_ask(study) > 0:
-            work = functools.partial(self.work, space, pruning, Singleton.get_state())
-            self._wait_for(self.launcher.submit_workers(work, self.workers), sweep_dir)
-        self._write_results(study, sweep_dir)
 
     def _wait_for(self, jobs: list, sweep_dir: Path) -> None:
         """Wait for the workers' SLURM jobs; cancel them on Ctrl-C or SIGTERM (each running trial then saves its
-        last checkpoint, from which sweep.resume continues it). A worker that failed is a panel after the report."""
+        last checkpoint, from which sweep.resume continues it). Workers that failed: a line each, then a panel."""
         console.print(f"{len(jobs)} SLURM workers ask and run the trials: jobs {', '.join(j.job_id for j in jobs)}"
                       f" · their logs: {jobs[0].paths.stdout.parent.parent}", highlight=False)
         try:
             with sigterm_interrupts():
-                while not all(job.done() for job in jobs):
+                while slurm.still_queued(jobs):
                     time.sleep(_WORKER_POLL_SECONDS)
         except BaseException:
-            for job in jobs:
-                job.cancel(check=False)
+            slurm.cancel(jobs)
             raise
-        failed = [(job, job.exception()) for job in jobs]
-        failed = [(job, err) for job, err in failed if err is not None]
+        failed = 0
+        for job in jobs:
+            why = slurm.failure(job)
+            if why is not None:
+                failed += 1
+                console.print(f"[red]✗[/red] worker {job.job_id} {why} · {job.paths.stderr}", highlight=False)
         if failed:
-            lines = [f"SLURM job {job.job_id}: {(str(err).strip().splitlines() or [''])[-1]} ({job.paths.stderr})"
-                     for job, err in failed]
-            raise UserError(f"{len(failed)} of {len(jobs)} workers failed:\n" + "\n".join(lines),
-                            f"See their logs; continue the sweep (its unfinished trials run again) with "
-                            f"sweep.resume={sweep_dir}.", title="SLURM workers failed")
+            raise UserError(f"{failed} of {len(jobs)} SLURM workers failed (above); the trials they were "
+                            "running are left unfinished.", "See their logs; continue the sweep (its unfinished "
+                            f"trials run again) with sweep.resume={sweep_dir}.", title="SLURM workers failed")
 
     def work(self, space: SearchSpace, pruning: bool, singleton_state: dict, worker: int) -> None:
         """What each SLURM worker runs: ask, run (dlrun's launcher, one job at a time, pruned as a sweep here

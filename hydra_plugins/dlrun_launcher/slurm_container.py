@@ -18,6 +18,8 @@ import contextlib
 import functools
 import os
 import shlex
+import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional  # noqa: UP035  OmegaConf's schema types
@@ -31,6 +33,7 @@ IMAGE_PYTHON = "/opt/dlrun/bin/python"  # the Dockerfile's virtual environment
 # What each task must see inside podman/docker: SLURM's placement (Lightning's ranks), submitit's job
 # identity, DDP's rendezvous, the GPUs SLURM gave the task, W&B's settings.
 PASSED_VARIABLES = "^((SLURM|SUBMITIT|WANDB)_[A-Za-z0-9_]*|MASTER_ADDR|MASTER_PORT|CUDA_VISIBLE_DEVICES)="
+CANCEL_GRACE_SECONDS = 60  # cancelled workers' running jobs save their last checkpoint meanwhile
 
 
 # Hydra imports plugin modules without registering them in sys.modules: no `from __future__ import
@@ -68,6 +71,34 @@ def container_command(runtime: str, image: str, mounts: list[Path], read_only: l
                                        *common, f"--entrypoint={IMAGE_PYTHON}"]), passed, shlex.quote(image)])
     script = f'exec {script} "$@"'
     return f"sh -c {shlex.quote(script)} dlrun-container"
+
+
+def still_queued(jobs: list) -> bool:
+    """Whether any of submitit's `jobs` has not ended: no result file yet, and squeue still lists it. (submitit
+    itself asks sacct, which a cluster without accounting does not answer: it would wait for ever.)"""
+    waiting = [job for job in jobs if not job.paths.result_pickle.exists()]
+    if not waiting:
+        return False
+    listed = subprocess.run(["squeue", "--noheader", "--format=%i", "--jobs=" + ",".join(j.job_id for j in waiting)],
+                            capture_output=True, text=True)
+    return listed.returncode == 0 and bool(listed.stdout.strip())  # an error: none of them is known any more
+
+
+def cancel(jobs: list, grace: float = CANCEL_GRACE_SECONDS) -> None:
+    """scancel submitit's `jobs`, and wait (at most `grace` seconds) until they have left the queue."""
+    for job in jobs:
+        job.cancel(check=False)
+    deadline = time.time() + grace
+    while time.time() < deadline and still_queued(jobs):
+        time.sleep(1)
+
+
+def failure(job) -> Optional[str]:  # noqa: UP045
+    """Why an ended submitit job failed (the last line of its error), or None if it returned."""
+    if not job.paths.result_pickle.exists():
+        return "ended without a result (cancelled, killed, past its time limit, or its node failed)"
+    error = job.exception()
+    return None if error is None else (str(error).strip().splitlines() or [type(error).__name__])[-1]
 
 
 @contextlib.contextmanager

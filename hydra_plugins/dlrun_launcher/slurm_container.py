@@ -12,6 +12,9 @@ composes its config again from them). The runtime is started once per task on it
     apptainer      exec (the host environment, SLURM's variables included, passes by default)
 
 `container_options` adds runtime options, e.g. [--nv] (Apptainer) or [--gpus=all] (Docker) for GPUs.
+
+The same settings submit a sweep's workers (`sweep.workers`, `submit_workers`: one task each, which
+runs its trials itself), watched with squeue and cancelled with scancel by the submitting process.
 """
 
 import contextlib

@@ -34,6 +34,7 @@ from dlrun.run_summary import RunSummary
 STUDY_FILE = "optuna.db"  # the default storage, in the sweep directory
 SHARED_STUDY_FILE = "optuna.journal"  # the default storage of a sweep with workers on several nodes
 _ASK_LOCK = ".ask"  # in the sweep directory: <_ASK_LOCK>.lock while a process asks for a trial
+_ASK_LOCK_GRACE_SECONDS = 60  # a lock older than this is taken as its holder's death (an ask takes well under 1 s)
 PRUNERS: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
     "none": optuna.pruners.NopPruner,
     "median": optuna.pruners.MedianPruner,  # below the median of earlier trials at the same epoch
@@ -141,14 +142,15 @@ def ask(study: optuna.Study, space: SearchSpace) -> optuna.Trial:
 @contextlib.contextmanager
 def asking(sweep_dir: Path) -> Iterator[None]:
     """One process of a sweep at a time counts the study's trials and asks for the next one (a lock file in
-    the sweep directory, which its workers share: Optuna's own, safe on NFS, released by force after 30 s
-    if its holder died), so that workers sharing the study stop at exactly sweep.n_trials."""
-    lock = optuna.storages.journal.JournalFileOpenLock(str(Path(sweep_dir) / _ASK_LOCK))
+    the sweep directory, which its workers share: Optuna's own, safe on NFS, released by force after
+    _ASK_LOCK_GRACE_SECONDS if its holder died), so that workers sharing the study stop at exactly sweep.n_trials."""
+    lock = optuna.storages.journal.JournalFileOpenLock(str(Path(sweep_dir) / _ASK_LOCK), _ASK_LOCK_GRACE_SECONDS)
     lock.acquire()
     try:
         yield
     finally:
-        lock.release()
+        with contextlib.suppress(RuntimeError):  # an ask slower than the grace: another process took the lock
+            lock.release()
 
 
 def job_number(trial: optuna.trial.BaseTrial) -> int:

@@ -106,7 +106,7 @@ class DlrunOptunaSweeper(Sweeper):
 
     def _study(self, sweep_dir: Path, resume: bool, worker: int | None = None) -> optuna.Study:
         """The sweep's study, opened with this process's sampler; on resume, the trials left running queued
-        again (by the submitting process only: a worker's running trials are its fellow workers')."""
+        again (by the submitting process only: the running trials a worker sees are its fellow workers')."""
         storage = storage_for(self.storage, sweep_dir, shared=self.workers is not None)
         study = open_study(storage, self.study_name or sweep_dir.name, self.direction, self.sampler(), self.pruner)
         if resume and worker is None:

@@ -29,7 +29,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import dlrun.sweep  # noqa: F401  (registers the ${dlrun.coalesce:...} resolver of conf/hydra/default.yaml)
-from dlrun.command_line import job_command, job_resume_command, sweep_command
+from dlrun.command_line import as_typed, job_command, job_resume_command, sweep_command
 from dlrun.config import parse_rule, validate
 from dlrun.console import console, format_value
 from dlrun.error_boundary import as_user_error, traceback_env
@@ -172,8 +172,9 @@ class DlrunLauncher(Launcher):
         failed more than `retries` times: skipped, and reported so). An interrupted job with a checkpoint
         continues (`dlrun resume=<job dir>`); any other earlier attempt is set aside and the job runs afresh."""
         assert self.config is not None
-        # sweep.resume picks the sweep directory; the job itself is the same run as the first time
-        job = self._job(num, [o for o in overrides if not o.startswith("sweep.resume=")], sweep_dir)
+        # sweep.resume picks the sweep directory; the job itself is the same run as the first time. Its overrides
+        # as the user typed them, not as Hydra's grid sweeper escapes them (http\://...), in every record of it
+        job = self._job(num, [as_typed(o) for o in overrides if not o.startswith("sweep.resume=")], sweep_dir)
         earlier = earlier_attempt(job.job_dir, self.retries) if resume else None
         if earlier is not None and earlier.action in ("skip", "give_up"):
             assert earlier.summary is not None

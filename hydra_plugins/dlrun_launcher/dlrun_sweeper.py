@@ -30,6 +30,7 @@ from dlrun.errors import UserError
 from dlrun.run_summary import RunSummary
 from dlrun.sweep.launcher import Job
 from dlrun.sweep.study import (
+    PRUNERS,
     Progress,
     SearchSpace,
     ask,
@@ -50,9 +51,10 @@ class DlrunOptunaSweeper(Sweeper):
     """Optuna's ask and tell over dlrun's search-space grammar, with a persistent study and pruning."""
 
     def __init__(self, sampler: functools.partial, direction: str, n_trials: int, storage: str | None,
-                 study_name: str | None, pruner: str):
+                 study_name: str | None, pruner: str, pruner_min_epochs: int, pruner_reduction: int):
         self.sampler, self.direction, self.n_trials = sampler, direction, n_trials
         self.storage, self.study_name, self.pruner = storage, study_name, pruner
+        self.pruner_settings = (pruner_min_epochs, pruner_reduction)
         self.config: DictConfig | None = None
         self.launcher: Launcher | None = None
 
@@ -77,7 +79,8 @@ class DlrunOptunaSweeper(Sweeper):
             resume = OmegaConf.select(self.config, "sweep.resume") is not None
             sweep_dir.mkdir(parents=True, exist_ok=True)
         storage = storage_for(self.storage, sweep_dir)
-        study = open_study(storage, self.study_name or sweep_dir.name, self.direction, self.sampler(), self.pruner)
+        study = open_study(storage, self.study_name or sweep_dir.name, self.direction, self.sampler(),
+                           PRUNERS[self.pruner](*self.pruner_settings))
         if resume:
             requeued = requeue_interrupted(study)
             if requeued:

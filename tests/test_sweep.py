@@ -174,14 +174,14 @@ def test_a_value_with_colons_reaches_every_job_as_typed(search, run_dlrun, tmp_p
     table.parent.mkdir()
     table.write_text("\n".join(["x1,x2,label", *(f"{i % 7},{i % 5},{i % 2}" for i in range(120))]) + "\n")
     typed = f"dataset.path={table}"
-    result = run_dlrun("-m", *search, "dataset=csv", typed, "dataset.target=label", "debug=fast", "print_config=false",
-                       "callbacks.progress_bar=false")
+    result = run_dlrun("-m", *search, "dataset=csv", typed, "dataset.target=label", "logger=[csv]", "debug=fast",
+                       "print_config=false", "callbacks.progress_bar=false")
     (sweep_dir,) = _sweep_dirs(result.output_dir)
     jobs = _jobs(sweep_dir).values()
     assert len(jobs) == 2 and {s["status"] for s in jobs} == {"completed"}
     for job in jobs:
         assert typed in job["overrides"] and typed in job["sweep_job"]["command"]
-    assert "a\\:b" not in result.stdout
+    assert "a\\:b" not in result.stdout and "logger=[csv]" in result.stdout  # shown as typed, not read as markup
 
 
 def test_timeout_stops_a_job_and_records_it(tmp_path):

@@ -48,10 +48,10 @@ def quoted(value: str | os.PathLike) -> str:
 
 
 def as_typed(override: str) -> str:
-    """A sweeper's override as a user types it: Hydra's grid sweeper writes a string value with a backslash
-    before each ':', '=', ',' or space (`logger.mlflow.tracking_uri=http\\://host\\:5000`), which the job
-    reads back right but records as written: in its overrides, summary and run name. The value without
-    them when Hydra reads that as the same string; any other override as it is."""
+    """An override as the user typed it, from the text Hydra's grid sweeper gives a job: that escapes ':',
+    spaces, commas and brackets in a string value (`uri=http\\://host\\:5000`). The job reads both as the
+    same value but records the text it got: in its overrides, its summary, its run's name. Where the
+    plain text would read differently (a list, a sweep), the override stays as written."""
     if "\\" not in override:
         return override
     parser = OverridesParser.create()

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 from hydra._internal.utils import get_args_parser
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from dlrun.errors import UserError
@@ -43,6 +45,25 @@ def quoted(value: str | os.PathLike) -> str:
     there (and at the end, before the closing quote) each one is doubled, and the quote escaped."""
     escaped = re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), str(value))
     return f"'{escaped}'"
+
+
+def as_typed(override: str) -> str:
+    """An override as the user typed it, from the text Hydra's grid sweeper gives a job: that escapes ':',
+    spaces, commas and brackets in a string value (`uri=http\\://host\\:5000`). The job reads both as the
+    same value but records the text it got: in its overrides, its summary, its run's name. Where the
+    plain text would read differently (a list, a sweep), the override stays as written."""
+    if "\\" not in override:
+        return override
+    parser = OverridesParser.create()
+    value = parser.parse_override(override).value()
+    if not isinstance(value, str):  # a sweep, a list, a number: written as Hydra needs it
+        return override
+    plain = f"{override.split('=', 1)[0]}={value}"
+    try:
+        same = parser.parse_override(plain).value() == value
+    except HydraException:  # the backslashes were needed (a value with brackets, say)
+        return override
+    return plain if same else override
 
 
 # Sweep settings that change no job: a resumed sweep may give other values (sweep.n_trials: more trials).

@@ -100,7 +100,7 @@ def test_a_run_logs_config_epochs_summary_and_best_checkpoint(mlflow_server, run
 
 @pytest.mark.slow
 def test_sweep_jobs_share_the_sweeps_name(mlflow_server, run_dlrun):
-    # the server from the environment: dlrun's launcher mangles a ':' in an override value (http\://...)
+    # the server from the environment (MLFLOW_TRACKING_URI), as a shared server is usually given
     result = run_dlrun("-m", *QUIET, "logger=mlflow", "logger.mlflow.experiment_name=sweep", "debug=fast", "seed=0,1",
                        env={"MLFLOW_TRACKING_URI": mlflow_server})
     (sweep_dir,) = (result.output_dir / "sweeps").iterdir()

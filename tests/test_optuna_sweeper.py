@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from dlrun import CONF_DIR
 from dlrun.errors import UserError
 from dlrun.sweep.launcher import Job, run_jobs
-from dlrun.sweep.study import STUDY_FILE, SearchSpace
+from dlrun.sweep.study import PRUNERS, STUDY_FILE, Progress, SearchSpace
 
 QUIET = ["print_config=false", "callbacks.progress_bar=false", "callbacks.model_summary=false"]
 
@@ -83,6 +83,42 @@ def test_a_trial_is_asked_for_as_soon_as_a_slot_frees(tmp_path):
     started = {num: results[num].sweep_job["process_started_at"] for num in results}
     assert started[2] >= finished[1] and started[2] < finished[0]  # ISO timestamps, UTC: they sort as times
     assert asked_at[2] > asked_at[1]
+
+
+def _write_metrics(job_dir: Path, values: list[float]) -> None:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    rows = ["epoch,val/loss", *(f"{epoch},{value}" for epoch, value in enumerate(values))]
+    (job_dir / "metrics.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_a_job_reports_its_best_value_so_far_after_each_epoch_trained(tmp_path):
+    """One noisy epoch (0.9 after 0.4) is not what the pruner sees: the job's result is its best epoch."""
+    study = optuna.create_study(direction="minimize")
+    trial = study.ask()
+    _write_metrics(tmp_path / "0", [1.0, 0.4, 0.9, 0.3])
+    assert Progress(trial, tmp_path / "0", "val/loss").report() == (3, 0.3)
+    assert study.trials[0].intermediate_values == {1: 1.0, 2: 0.4, 3: 0.4, 4: 0.3}  # steps: epochs trained
+
+
+def test_asha_decides_first_after_pruner_min_epochs_and_keeps_one_in_pruner_reduction(tmp_path):
+    study = optuna.create_study(direction="minimize", pruner=PRUNERS["asha"](2, 3))
+    for num, values in enumerate([[0.7, 0.4, 0.3], [0.6, 0.3, 0.2], [0.5, 0.2, 0.1]]):  # each the best so far
+        trial = study.ask()
+        progress = Progress(trial, tmp_path / str(num), "val/loss")
+        for epochs in range(1, len(values) + 1):  # polled after each epoch, as the launcher does
+            _write_metrics(tmp_path / str(num), values[:epochs])
+            assert progress.prune() is None
+        study.tell(trial, min(values))
+    poor, good = study.ask(), study.ask()
+    _write_metrics(tmp_path / "poor", [0.3])
+    _write_metrics(tmp_path / "good", [0.9])
+    poor_progress = Progress(poor, tmp_path / "poor", "val/loss")
+    good_progress = Progress(good, tmp_path / "good", "val/loss")
+    assert poor_progress.prune() is None and good_progress.prune() is None  # one epoch: before the first rung
+    _write_metrics(tmp_path / "poor", [0.3, 0.35])  # best 0.3 after two epochs: not the first of four at the rung
+    _write_metrics(tmp_path / "good", [0.9, 0.15])  # best 0.15: the first of five
+    assert poor_progress.prune() == {"epoch": 1, "value": 0.3}
+    assert good_progress.prune() is None
 
 
 @pytest.mark.slow

@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from dlrun.command_line import SWEEP_ONLY, job_command, quoted, rank_command
+from dlrun.command_line import SWEEP_ONLY, as_typed, job_command, quoted, rank_command
 from dlrun.run_summary import SCHEMA_VERSION, RunSummary
 from dlrun.rundir import RunDir, read_summary_file
 from dlrun.sweep import summary as sweep_summary
@@ -99,6 +100,21 @@ def test_an_unknown_status_is_not_written(tmp_path):
 def test_quoted_paths_read_back_as_themselves_in_hydra(path):
     override = OverridesParser.create().parse_override(f"hydra.run.dir={quoted(path)}")
     assert override.value() == path
+
+
+@pytest.mark.parametrize(("typed", "as_written"), [
+    ("logger.mlflow.tracking_uri=http://127.0.0.1:5000", "logger.mlflow.tracking_uri=http://127.0.0.1:5000"),
+    ("+dataset.path=/data/a:b/t.csv", "+dataset.path=/data/a:b/t.csv"),
+    ("x=a b", "x=a b"),
+    ("x='1:2'", "x='1:2'"),
+    ("x=[a:b,c]", "x=[a\\:b,c]"),  # a list: as Hydra writes it
+])
+def test_a_grid_sweeps_override_reaches_its_job_as_typed(typed, as_written):
+    """Hydra's grid sweeper escapes ':' and spaces in a string value; the job gets the value as typed."""
+    parser = OverridesParser.create()
+    [[written]] = BasicSweeper.split_arguments(parser.parse_overrides([typed]), None)[0]
+    assert as_typed(written) == as_written
+    assert parser.parse_override(as_typed(written)).value() == parser.parse_override(typed).value()
 
 
 HYDRA_SETTINGS = ["hydra.searchpath=[file:///my/conf]", "hydra.mode=MULTIRUN", "hydra/launcher=dlrun",

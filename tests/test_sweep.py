@@ -164,6 +164,26 @@ def test_log_interval_override_is_a_log_uniform_search_space():
     assert all(70 <= n <= 130 for n in decades), decades  # about 100 per decade, not 90% in the top one
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("search", [["seed=0,1"], ["sweep=random", "sweep.n_trials=2", "optim.lr=interval(0.01,0.1)"]],
+                         ids=["grid", "optuna"])
+def test_a_value_with_colons_reaches_every_job_as_typed(search, run_dlrun, tmp_path):
+    """A fixed value with ':' in it (a path here; a URL alike): every job reads that file, and records the
+    override as typed, not as Hydra's grid sweeper escapes it for the command line (a\\:b)."""
+    table = tmp_path / "a:b" / "table.csv"
+    table.parent.mkdir()
+    table.write_text("\n".join(["x1,x2,label", *(f"{i % 7},{i % 5},{i % 2}" for i in range(120))]) + "\n")
+    typed = f"dataset.path={table}"
+    result = run_dlrun("-m", *search, "dataset=csv", typed, "dataset.target=label", "logger=[csv]", "debug=fast",
+                       "print_config=false", "callbacks.progress_bar=false")
+    (sweep_dir,) = _sweep_dirs(result.output_dir)
+    jobs = _jobs(sweep_dir).values()
+    assert len(jobs) == 2 and {s["status"] for s in jobs} == {"completed"}
+    for job in jobs:
+        assert typed in job["overrides"] and typed in job["sweep_job"]["command"]
+    assert "a\\:b" not in result.stdout and "logger=[csv]" in result.stdout  # shown as typed, not read as markup
+
+
 def test_timeout_stops_a_job_and_records_it(tmp_path):
     job = Job(0, ["sleep=30"], tmp_path / "0_sleep", [sys.executable, "-c", "import time; print('hi'); time.sleep(30)"])
     ok = Job(1, ["x=1"], tmp_path / "1_x", [sys.executable, "-c", "print('done')"])

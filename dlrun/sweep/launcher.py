@@ -150,8 +150,7 @@ def run_jobs(
                     if prune is not None and run.stopping_since is None:
                         run.pruned = prune(run.job)
                         if run.pruned is not None:
-                            run.stopping_since = time.time()
-                            _stop(run, force=False)
+                            _ask_to_stop(run)
                     continue
                 running.remove(run)
                 if run.gpu is not None:
@@ -219,10 +218,16 @@ def _enforce_timeout(run: _Running, timeout: float | None) -> None:
     """Stop a job past its time; kill one that was asked to stop (timed out, pruned) and has not, after a grace."""
     if run.stopping_since is None and timeout is not None and time.time() - run.started > timeout:
         run.timed_out = True
-        run.stopping_since = time.time()
-        _stop(run, force=False)
+        _ask_to_stop(run)
     elif run.stopping_since is not None and time.time() - run.stopping_since > _KILL_GRACE_SECONDS:
         _stop(run, force=True)
+
+
+def _ask_to_stop(run: _Running) -> None:
+    """SIGTERM a job (timed out, pruned): it saves its last checkpoint and stops, or _enforce_timeout kills it
+    after the grace period counted from now."""
+    run.stopping_since = time.time()
+    _stop(run, force=False)
 
 
 def _stop(run: _Running, force: bool) -> None:

@@ -35,11 +35,19 @@ STUDY_FILE = "optuna.db"  # the default storage, in the sweep directory
 SHARED_STUDY_FILE = "optuna.journal"  # the default storage of a sweep with workers on several nodes
 _ASK_LOCK = ".ask"  # in the sweep directory: <_ASK_LOCK>.lock while a process asks for a trial
 _ASK_LOCK_GRACE_SECONDS = 60  # a lock older than this is taken as its holder's death (an ask takes well under 1 s)
-PRUNERS: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
-    "none": optuna.pruners.NopPruner,
-    "median": optuna.pruners.MedianPruner,  # below the median of earlier trials at the same epoch
-    "asha": optuna.pruners.SuccessiveHalvingPruner,  # asynchronous successive halving (Li et al. 2020)
-    "hyperband": optuna.pruners.HyperbandPruner,  # several ASHA brackets of different aggressiveness
+# sweep.pruner -> Optuna's pruner, given sweep.pruner_min_epochs and sweep.pruner_reduction. A trial's steps
+# are epochs trained (1, 2, ...), so that min_epochs counts whole epochs: ASHA's rungs are at min_epochs,
+# x reduction, x reduction^2 ... epochs; the median pruner waits min_epochs epochs and for 5 finished trials.
+PRUNERS: dict[str, Callable[[int, int], optuna.pruners.BasePruner]] = {
+    "none": lambda min_epochs, reduction: optuna.pruners.NopPruner(),
+    # below the median of earlier trials at the same epoch
+    "median": lambda min_epochs, reduction: optuna.pruners.MedianPruner(n_warmup_steps=min_epochs),
+    # asynchronous successive halving (Li et al. 2020)
+    "asha": lambda min_epochs, reduction: optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=min_epochs, reduction_factor=reduction),
+    # several ASHA brackets of different aggressiveness
+    "hyperband": lambda min_epochs, reduction: optuna.pruners.HyperbandPruner(
+        min_resource=min_epochs, reduction_factor=reduction),
 }
 _JOB = "job"  # the trial's user attribute: the job number (and so the job directory) it runs as
 
@@ -119,11 +127,11 @@ def storage_for(setting: str | None, sweep_dir: Path, shared: bool = False) -> s
 
 
 def open_study(storage: str | optuna.storages.BaseStorage, name: str, direction: str,
-               sampler: optuna.samplers.BaseSampler, pruner: str) -> optuna.Study:
-    """The study `name` in `storage`, created or loaded (resume, other workers), with this sweep's sampler."""
+               sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    """The study `name` in `storage`, created or loaded (resume, other workers), with this sweep's sampler and pruner."""
     try:
         return optuna.create_study(storage=storage, study_name=name, direction=direction, sampler=sampler,
-                                   pruner=PRUNERS[pruner](), load_if_exists=True)
+                                   pruner=pruner, load_if_exists=True)
     except ValueError as err:  # a loaded study's direction differs, a bad URL, ...
         raise UserError(f"the study {name!r} in {storage}: {err}", "Name another sweep.study_name, or "
                         "resume with the sweep's own command.", title="Cannot open the study") from err
@@ -189,15 +197,18 @@ def tell(study: optuna.Study, trial: optuna.Trial, summary: RunSummary) -> Trial
 
 
 class Progress:
-    """A running job's monitored value per epoch, read from its metrics.csv and reported to its trial."""
+    """A running job's best monitored value so far, after each epoch, read from its metrics.csv and reported
+    to its trial. The best so far, not the epoch's own: the job's result is its best epoch (summary.json's
+    best_value, its best checkpoint), and one noisy epoch of a good job must not get it pruned."""
 
     def __init__(self, trial: optuna.Trial, job_dir: Path, monitor: str):
         self.trial, self.path, self.monitor = trial, Path(job_dir) / "metrics.csv", monitor
+        self._better = min if trial.study.direction == optuna.study.StudyDirection.MINIMIZE else max
         self._seen: tuple[int, int] | None = None  # (mtime, size) of the file last read
         self._reported: set[int] = set()
 
     def report(self) -> tuple[int, float] | None:
-        """Report the epochs logged since the last call; (epoch, value) of the newest one, if any."""
+        """Report the epochs logged since the last call; (epoch, best value so far) of the newest one, if any."""
         try:
             stat = self.path.stat()
         except OSError:
@@ -209,16 +220,19 @@ class Progress:
             columns = read_metrics(self.path)  # rewritten atomically by the job: never half a file
         except (OSError, ValueError, csv.Error):  # gone, or not what a dlrun job writes: nothing to report
             return None
-        newest = None
+        newest, best = None, None
         for epoch, value in zip(columns.get("epoch", []), columns.get(self.monitor, []), strict=False):
-            if math.isfinite(value) and int(epoch) not in self._reported:
-                self.trial.report(value, step=int(epoch))
+            if not math.isfinite(value):
+                continue
+            best = value if best is None else self._better(best, value)
+            if int(epoch) not in self._reported:
+                self.trial.report(best, step=int(epoch) + 1)  # the epochs trained
                 self._reported.add(int(epoch))
-                newest = (int(epoch), value)
+                newest = (int(epoch), best)
         return newest
 
     def prune(self) -> dict[str, Any] | None:
-        """{epoch, value} when the pruner stops the trial after its newest epoch, else None."""
+        """{epoch, value} (the best value so far) when the pruner stops the trial after its newest epoch, else None."""
         newest = self.report()
         if newest is None or not self.trial.should_prune():
             return None

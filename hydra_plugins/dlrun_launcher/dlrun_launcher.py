@@ -27,9 +27,10 @@ from hydra.core.utils import JobReturn, JobStatus, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
+from rich.markup import escape
 
 import dlrun.sweep  # noqa: F401  (registers the ${dlrun.coalesce:...} resolver of conf/hydra/default.yaml)
-from dlrun.command_line import job_command, job_resume_command, sweep_command
+from dlrun.command_line import as_typed, job_command, job_resume_command, sweep_command
 from dlrun.config import parse_rule, validate
 from dlrun.console import console, format_value
 from dlrun.error_boundary import as_user_error, traceback_env
@@ -163,7 +164,7 @@ class DlrunLauncher(Launcher):
     def _announce(self, what: str, gpus: list[str]) -> None:
         console.print(
             f"{what}, {self.n_jobs} at a time" + (f" on GPUs {','.join(gpus)}" if gpus else "")
-            + (f" · every job: {' '.join(sorted(self.fixed))}" if self.fixed else ""), highlight=False,
+            + (f" · every job: {escape(' '.join(sorted(self.fixed)))}" if self.fixed else ""), highlight=False,
         )
 
     def _job_to_run(self, num: int, overrides: Sequence[str], sweep_dir: Path,
@@ -172,8 +173,9 @@ class DlrunLauncher(Launcher):
         failed more than `retries` times: skipped, and reported so). An interrupted job with a checkpoint
         continues (`dlrun resume=<job dir>`); any other earlier attempt is set aside and the job runs afresh."""
         assert self.config is not None
-        # sweep.resume picks the sweep directory; the job itself is the same run as the first time
-        job = self._job(num, [o for o in overrides if not o.startswith("sweep.resume=")], sweep_dir)
+        # sweep.resume picks the sweep directory; the job itself is the same run as the first time. Its overrides
+        # as the user typed them, not as Hydra's grid sweeper escapes them (http\://...), in every record of it
+        job = self._job(num, [as_typed(o) for o in overrides if not o.startswith("sweep.resume=")], sweep_dir)
         earlier = earlier_attempt(job.job_dir, self.retries) if resume else None
         if earlier is not None and earlier.action in ("skip", "give_up"):
             assert earlier.summary is not None
@@ -232,7 +234,7 @@ class DlrunLauncher(Launcher):
     def _report(self, job: Job, summary: RunSummary, note: str | None = None) -> None:
         """One line per finished job (its own overrides only), so that a long sweep shows its progress."""
         own = [o for o in job.overrides if o not in self.fixed]
-        label = f"job {job.num} [cyan]{' '.join(own) or '(no overrides)'}[/cyan]"
+        label = f"job {job.num} [cyan]{escape(' '.join(own)) or '(no overrides)'}[/cyan]"  # logger=[csv,x]: not markup
         status = summary.status
         if status == "pruned" and summary.pruned:
             value = summary.pruned.get("value")

@@ -40,6 +40,7 @@ from dlrun.errors import UserError
 from dlrun.run_summary import RunSummary
 from dlrun.sweep.launcher import Job, sigterm_interrupts
 from dlrun.sweep.study import (
+    PRUNERS,
     Progress,
     SearchSpace,
     ask,
@@ -63,12 +64,14 @@ class DlrunOptunaSweeper(Sweeper):
     """Optuna's ask and tell over dlrun's search-space grammar, with a persistent study and pruning."""
 
     def __init__(self, sampler: functools.partial, direction: str, n_trials: int, storage: str | None,
-                 study_name: str | None, pruner: str, workers: int | None = None):
+                 study_name: str | None, pruner: str, pruner_min_epochs: int, pruner_reduction: int,
+                 workers: int | None = None):
         if not parse_rule("int >= 1 | null").accepts(workers):
             raise UserError(f"sweep.workers = {workers!r}: expected an int >= 1 (or null: no workers)",
                             "Give the number of SLURM jobs that share the study, e.g. sweep.workers=4.")
         self.sampler, self.direction, self.n_trials = sampler, direction, n_trials
         self.storage, self.study_name, self.pruner, self.workers = storage, study_name, pruner, workers
+        self.pruner_settings = (pruner_min_epochs, pruner_reduction)
         self.config: DictConfig | None = None
         self.launcher: Launcher | None = None
         self.hydra_context: HydraContext | None = None
@@ -108,7 +111,8 @@ class DlrunOptunaSweeper(Sweeper):
         """The sweep's study, opened with this process's sampler; on resume, the trials left running queued
         again (by the submitting process only: the running trials a worker sees are its fellow workers')."""
         storage = storage_for(self.storage, sweep_dir, shared=self.workers is not None)
-        study = open_study(storage, self.study_name or sweep_dir.name, self.direction, self.sampler(), self.pruner)
+        study = open_study(storage, self.study_name or sweep_dir.name, self.direction, self.sampler(),
+                           PRUNERS[self.pruner](*self.pruner_settings))
         if resume and worker is None:
             requeued = requeue_interrupted(study)
             if requeued:

@@ -61,6 +61,32 @@ def test_a_plain_dataloader_is_grouped_the_same_way():
     assert torch.equal(torch.cat([b[1] for g in groups for b in g]), torch.arange(40))
 
 
+def test_a_group_draws_its_batches_as_training_reaches_them():
+    """Lightning fetches the next call's group before it runs the current call: that fetch draws nothing, and
+    each batch is drawn when the call reaches it (a streaming loader's workers load while the batches before
+    train). Groups used out of order still hold their own batches."""
+    drawn = []
+
+    class Counted:  # a sized loader that records every batch drawn from it
+        def __len__(self):
+            return 10
+
+        def __iter__(self):
+            for i in range(10):
+                drawn.append(i)
+                yield torch.full((2, 1), float(i)), torch.tensor([i, i])
+
+    groups = iter(GroupedBatches(Counted(), 4))
+    first, second = next(groups), next(groups)
+    assert drawn == [] and len(first) == len(second) == 4
+    x, _ = first[0]
+    assert drawn == [0] and x[0, 0] == 0
+    assert [int(y[0]) for _, y in second] == [4, 5, 6, 7]  # first's rest drawn before
+    assert [int(y[0]) for _, y in first] == [0, 1, 2, 3] and drawn == list(range(8))
+    moved = next(groups).each(lambda batch: (batch[0] + 100, batch[1]))  # as transfer_batch_to_device
+    assert [float(x[0, 0]) for x, _ in moved] == [108, 109] and next(groups, None) is None
+
+
 def test_steps_per_execution_auto_and_ddp():
     assert GroupedExecution("auto").resolve(1).steps_per_execution == 16
     assert GroupedExecution("auto").resolve(2).steps_per_execution == 1

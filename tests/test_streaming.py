@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 
 from dlrun.config import find_problems
 from dlrun.data.datamodule import InMemoryDataModule, Rows
+from tests.test_data import _write_cifar
 from tests.test_user_data import write_images
 
 QUICK = ["dataset.n_train=300", "trainer.max_epochs=2", "model.width=16", "print_config=false",
@@ -107,6 +108,22 @@ def test_the_image_folder_streams_from_its_memory_mapped_cache(datamodule, tmp_p
                        "trainer.max_epochs=1", "print_config=false", "callbacks.progress_bar=false")
     summary = result.summary()
     assert summary["data_path"]["mode"] == "streamed" and summary["data_notes"]["cache"] == "read"
+
+
+def test_a_built_in_vision_data_set_streams_the_same_batches(datamodule, tmp_path):
+    """CIFAR-10 (its files written small): streamed from host memory, batch for batch what the in-memory path draws."""
+    _write_cifar(tmp_path, np.random.default_rng(1))
+    args = (f"dataset.root={tmp_path}", "dataset.download=false", "dataset.batch_size=8")
+    streamed = datamodule("cifar10", *args, "dataset.memory_budget=100000")  # its tensors take ~490 KB
+    memory = datamodule("cifar10", *args)
+    assert streamed.prepare() == memory.prepare()
+    assert streamed.data_path["mode"] == "streamed" and "exceed the budget" in streamed.data_path["reason"]
+    assert memory.data_path["mode"] == "in memory" and not memory.streamed
+    for split, shuffle in (("train", True), ("test", False)):
+        pairs = list(zip(memory._batches(split, shuffle), streamed._batches(split, shuffle), strict=True))
+        assert len(pairs) == (3 if split == "train" else 1)  # training in batches of 8, evaluation in one
+        for (xa, ya), (xb, yb) in pairs:
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 PEAK_RSS = textwrap.dedent("""

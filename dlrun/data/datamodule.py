@@ -29,6 +29,7 @@ from sklearn.model_selection import train_test_split
 
 from dlrun.data.spec import DataSpec
 from dlrun.errors import DataError
+from dlrun.training.grouping import Group
 
 EVAL_BATCH_SIZE = 1024  # validation/test batches: metrics are sums, so the size only changes speed
 STATS_CHUNK_ELEMENTS = 1 << 20  # per step of the normalization statistics (8 MB of float64): bounded memory
@@ -512,10 +513,14 @@ class InMemoryDataModule(pl.LightningDataModule):
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         """In memory, batches are drawn from tensors already on the device (see setup): nothing to move, and no
         walk through a group of them per training_step call (dlrun/training/grouping.py). Streamed batches
-        come from the host and move as Lightning moves any batch."""
-        if self.streamed:
-            return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        return batch
+        come from the host and move as Lightning moves any batch (from pinned memory, without waiting), those
+        of a training group each as the group draws it, so the copy of one overlaps the training on the last."""
+        if not self.streamed:
+            return batch
+        move = super().transfer_batch_to_device
+        if isinstance(batch, Group):
+            return batch.each(lambda one: move(one, device, dataloader_idx))
+        return move(batch, device, dataloader_idx)
 
     def train_dataloader(self) -> IndexBatches | torch.utils.data.DataLoader:
         return self._batches("train", shuffle=True)

@@ -23,8 +23,7 @@ Lightning upgrade that changes one fails there, loudly, rather than changing num
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytorch_lightning as pl
@@ -43,8 +42,50 @@ AUTO_STEPS_PER_EXECUTION = 16
 _DISPATCHED_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
 
 
-class Group(list):
-    """The training batches one `training_step` call trains on, in order."""
+class Group:
+    """The training batches one `training_step` call trains on, in order, drawn from the loader as the call
+    reaches them.
+
+    Lightning fetches the next call's batch before it runs the current call. A group drawn whole at that point
+    would hold training up while a streaming loader's workers made all of its batches, then leave the workers
+    idle (past their prefetch) while it trained; drawn batch by batch, loading overlaps training as in a plain
+    loop. Drawn batches are kept, so the hooks after the call see them; a group drawn later than the one
+    before it first draws that one's rest, so every group holds its own batches whatever the order of use.
+    """
+
+    def __init__(self, batches: Iterator, size: int, before: Group | None = None):
+        self._batches, self._size, self._before = batches, size, before
+        self._drawn: list = []
+        self._prepare: list[Callable[[Any], Any]] = []
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < self._size:
+            raise IndexError(i)
+        if self._before is not None:
+            self._before.draw_all()
+            self._before = None
+        while len(self._drawn) <= i:
+            batch = next(self._batches)
+            for prepare in self._prepare:
+                batch = prepare(batch)
+            self._drawn.append(batch)
+        return self._drawn[i]
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self[i] for i in range(self._size))
+
+    def draw_all(self) -> None:
+        if self._size:
+            self[self._size - 1]
+
+    def each(self, prepare: Callable[[Any], Any]) -> Group:
+        """Apply `prepare` to every batch as it is drawn (and to those drawn already): the move to the device."""
+        self._drawn = [prepare(batch) for batch in self._drawn]
+        self._prepare.append(prepare)
+        return self
 
 
 class GroupedBatches:
@@ -65,8 +106,9 @@ class GroupedBatches:
         return -(-self.n_batches() // self.size)
 
     def __iter__(self) -> Iterator[Group]:
-        batches = itertools.islice(self.loader, self.n_batches())
-        while group := Group(itertools.islice(batches, self.size)):
+        batches, n, group = iter(self.loader), self.n_batches(), None
+        for start in range(0, n, self.size):
+            group = Group(batches, min(self.size, n - start), group)
             yield group
 
 

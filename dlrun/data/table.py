@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dlrun.data.datamodule import Arrays, InMemoryDataModule
+from dlrun.data.datamodule import Arrays, InMemoryDataModule, Rows
 from dlrun.data.targets import check_task, encode_target
 from dlrun.errors import DataError, UserError
 
@@ -144,7 +144,7 @@ class Table(InMemoryDataModule):
                 raise DataError(f"dataset={self.name}: the target column {self.target!r} has {int((~keep).sum()):,} "
                                 "missing values.", "Fill them in the file, or set dataset.missing=impute to drop those rows.")
             self.notes["rows without a target, dropped"] = int((~keep).sum())
-            x, labels = x[keep], labels[keep]
+            x, labels = Rows(x, np.flatnonzero(keep)).whole(), labels[keep]  # x stays column-major
         if self.missing == "error":
             gaps = np.isnan(x).sum(axis=0)
             if gaps.any():
@@ -152,7 +152,9 @@ class Table(InMemoryDataModule):
                 raise DataError(f"dataset={self.name}: {self.path} has missing values in the columns {named}.",
                                 "Fill them in the file, or set dataset.missing=impute (median / most frequent value).")
         given = self.preprocessing
-        target = encode_target(labels.to_numpy(), given["task"] if given else self.task_setting,
+        # text labels as pandas holds them (Arrow strings): encoded there, not as a million Python strings
+        values = labels.array if isinstance(labels.dtype, pd.StringDtype) else labels.to_numpy()
+        target = encode_target(values, given["task"] if given else self.task_setting,
                                f"the target column {self.target!r}", tuple(given["class_names"]) if given else None)
         self.task, self.target_classes = target.task, target.class_names
         return Arrays(x, target.y, class_names=target.class_names)
@@ -226,7 +228,7 @@ class Table(InMemoryDataModule):
                                 "there is nothing to fill its missing values with.",
                                 "Leave it out with dataset.features=[...].")
             if name not in self.levels:
-                fill = float(np.median(present))
+                fill = float(np.median(present, overwrite_input=True))  # `present` is this column's own copy
                 filled = np.where(np.isnan(values), fill, values)
                 mean, std = (float(filled.mean()), float(filled.std())) if self.standardize else (0.0, 1.0)
                 return {"name": name, "kind": "numeric", "fill": fill, "mean": mean, "std": std if std > 1e-12 else 1.0}

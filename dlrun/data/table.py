@@ -161,7 +161,7 @@ class Table(InMemoryDataModule):
 
     def _encode(self, frame: pd.DataFrame) -> np.ndarray:
         """The feature columns of `frame` as numbers (see `_encode_column`), one column each, column-major:
-        each column is written in one contiguous run, and the split (`Rows.whole`) and `fit` read it so."""
+        each column is written in one contiguous run, and `fit` reads a split's values of a column from it."""
         x = np.empty((len(frame), len(self.features)), dtype=np.float64, order="F")
 
         def encode(j: int) -> None:
@@ -211,17 +211,18 @@ class Table(InMemoryDataModule):
                         "Leave it out with dataset.features=[...], or convert it in the file (e.g. a date to a number).")
 
     # --- the fitted preprocessing --------------------------------------------------------------
-    def fit_transform(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def fit_transform(self, x: Rows, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.preprocessing is None:
             self.preprocessing = self.fit(x, y)
         return self.transform(x, y)
 
-    def fit(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    def fit(self, x: Rows, y: np.ndarray) -> dict[str, Any]:
         """The preprocessing's state, from the training split `x`, `y` only."""
-        by_column = np.asfortranarray(x)  # a column of a row-major x is strided; `_encode` and `Rows.whole` give this
 
         def fit_column(j: int) -> dict[str, Any]:
-            name, values = self.features[j], by_column[:, j]
+            # the split's values of column j, contiguous: `_encode`'s column-major table keeps a column in one run
+            column = x.array[:, j]
+            name, values = self.features[j], np.ascontiguousarray(column) if x.index is None else column[x.index]
             present = values[~np.isnan(values)]
             if len(present) == 0:
                 raise DataError(f"dataset={self.name}: the column {name!r} has no value in the training split, so "
@@ -251,7 +252,7 @@ class Table(InMemoryDataModule):
             state.update(target_mean=mean, target_std=std if std > 1e-12 else 1.0)
         return state
 
-    def transform(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def transform(self, x: Rows, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         state = self.preprocessing
         try:
             return self._apply(state, x, y)
@@ -260,7 +261,7 @@ class Table(InMemoryDataModule):
                             f"({type(err).__name__}: {err}).", "Evaluate on the data the run was trained on, with its "
                             "config; or train the run again.") from err
 
-    def _apply(self, state: dict[str, Any], x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _apply(self, state: dict[str, Any], x: Rows, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         columns = state["columns"]
         if [c["name"] for c in columns] != self.features:
             raise ValueError(f"it was fitted on the columns {[c['name'] for c in columns]}, not {self.features}")
@@ -286,14 +287,16 @@ class Table(InMemoryDataModule):
             # rows start..stop written straight into `out`, column by column while they are in cache; the same
             # arithmetic, element by element, as the whole split at once, so the values do not depend on blocks
             stop = min(len(x), start + rows)
+            # these rows of `load()`'s inputs (the split itself is never copied whole)
+            encoded = x.array[start:stop] if x.index is None else x.array[x.index[start:stop]]
             if numeric:
-                values = x[start:stop, numeric]
+                values = encoded[:, numeric]
                 np.copyto(values, np.broadcast_to(fill, values.shape), where=np.isnan(values))
                 values -= mean
                 values /= std
                 out[start:stop, starts[numeric]] = values
             if categorical:
-                codes = x[start:stop, categorical]
+                codes = encoded[:, categorical]
                 np.copyto(codes, np.broadcast_to(missing_code, codes.shape), where=np.isnan(codes))
                 hot = lookup[codes.astype(np.int64) + first]  # (rows, text columns): a column of `out`, or -1
                 flat = hot + np.arange(start, stop)[:, None] * out.shape[1]  # positions in out's flat buffer

@@ -165,16 +165,8 @@ class Rows:
         return out
 
     def whole(self) -> np.ndarray:
-        """Every row, for the in-memory path; a read-only map is copied (torch converts writable arrays only).
-        Rows of a column-major table stay column-major (`array[index]` would not): its columns stay contiguous."""
-        if self.index is None:
-            rows = np.asarray(self.array)
-        elif self.array.ndim == 2 and self.array.flags.f_contiguous and not self.array.flags.c_contiguous:
-            rows = np.empty((len(self.index), self.array.shape[1]), dtype=self.array.dtype, order="F")
-            for j in range(self.array.shape[1]):
-                np.take(self.array[:, j], self.index, out=rows[:, j])
-        else:
-            rows = self.array[self.index]
+        """Every row, for the in-memory path; a read-only map is copied (torch converts writable arrays only)."""
+        rows = np.asarray(self.array) if self.index is None else self.array[self.index]
         return rows if rows.flags.writeable else np.array(rows)
 
 

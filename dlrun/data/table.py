@@ -156,7 +156,7 @@ class Table(InMemoryDataModule):
                 raise DataError(f"dataset={self.name}: the target column {self.target!r} has {int((~keep).sum()):,} "
                                 "missing values.", "Fill them in the file, or set dataset.missing=impute to drop those rows.")
             self.notes["rows without a target, dropped"] = int((~keep).sum())
-            x, labels = Rows(x, np.flatnonzero(keep)).whole(), labels[keep]  # x stays column-major
+            x, labels = x[keep], labels[keep]
         if self.missing == "error":
             gaps = np.isnan(x).sum(axis=0)
             if gaps.any():
@@ -232,7 +232,7 @@ class Table(InMemoryDataModule):
         """The preprocessing's state, from the training split `x`, `y` only."""
 
         def fit_column(j: int) -> dict[str, Any]:
-            # the split's values of column j, contiguous: `_encode`'s column-major table keeps a column in one run
+            # the split's values of column j, contiguous (`_encode`'s column-major table holds a column in one run)
             column = x.array[:, j]
             name, values = self.features[j], np.ascontiguousarray(column) if x.index is None else column[x.index]
             present = values[~np.isnan(values)]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from dlrun.data import table
 from dlrun.errors import DataError
 from dlrun.evaluate import evaluate
 from dlrun.run import build_experiment
@@ -97,6 +98,41 @@ def test_preprocessing_is_fitted_on_the_training_split_only(datamodule, tmp_path
         assert unseen.any() and (~unseen).any()
         assert np.all(x[unseen, 2:4] == 0)
         assert np.all(x[~unseen, 2:4].sum(axis=1) == 1)
+
+
+def test_rows_transformed_in_blocks_on_threads_are_the_plain_formula(datamodule, tmp_path, monkeypatch):
+    """`Table` writes each split's output a block of rows at a time, on threads; with blocks of a few rows,
+    every row is still (its value, or the training median, minus the mean) / std for a numeric column, and
+    a 1 at its value's (or, missing, the most frequent value's) category for a text one, none for a
+    value training never saw."""
+    monkeypatch.setattr(table, "BLOCK_BYTES", 64)  # two rows a block
+    n = 400
+    rng = np.random.default_rng(2)
+    frame = pd.DataFrame({"row": np.arange(n, dtype=float), "size": rng.normal(size=n),
+                          "colour": rng.choice(["red", "blue", "green"], n), "count": rng.integers(0, 9, n),
+                          "shape": rng.choice(["disc", "square"], n), "label": rng.choice(["a", "b"], n)})
+    frame.loc[::7, "size"] = np.nan
+    frame.loc[::11, "colour"] = None
+    rare = [5, 70, 150, 250, 320, 390]
+    frame.loc[rare, "shape"] = [f"star{k}" for k in range(len(rare))]  # once each: some miss the training split
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    dm = datamodule("csv", f"dataset.path={tmp_path / 't.csv'}", "dataset.target=label")
+    dm.prepare()
+    columns = {c["name"]: c for c in dm.preprocessing["columns"]}
+    row, unseen = columns["row"], 0
+    for split, (x, _) in dm.splits.items():
+        rows = np.rint(x[:, 0].double().numpy() * row["std"] + row["mean"]).astype(int)
+        expected = []
+        for name, c in columns.items():
+            values = frame.loc[rows, name]
+            if c["kind"] == "numeric":
+                expected.append(((values.fillna(c["fill"]).to_numpy(float) - c["mean"]) / c["std"])[:, None])
+            else:
+                values = values.fillna(c["fill"]).to_numpy()
+                expected.append((values[:, None] == np.array(c["categories"])[None, :]).astype(float))
+        assert np.array_equal(x.numpy(), np.hstack(expected).astype(np.float32)), split
+        unseen += sum(frame.loc[r, "shape"] not in columns["shape"]["categories"] for r in rows)
+    assert unseen > 0
 
 
 def test_missing_values_are_imputed_or_refused(datamodule, tmp_path):

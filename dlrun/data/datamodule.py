@@ -261,14 +261,16 @@ class InMemoryDataModule(pl.LightningDataModule):
     def load(self) -> Arrays:
         raise NotImplementedError
 
-    def fit_transform(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def fit_transform(self, x: Rows, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Fit the data set's own preprocessing on the training split (into `self.preprocessing`, unless
-        one was given) and apply it to that split. The default has none."""
-        return x, y
+        one was given) and apply it to that split. `x` is the split's rows of `load()`'s inputs, not yet
+        copied out (a preprocessing reading them a block at a time needs no copy of the split). The
+        default has none."""
+        return x.whole(), y
 
-    def transform(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Apply the preprocessing of `fit_transform` to a validation or test split."""
-        return x, y
+    def transform(self, x: Rows, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Apply the preprocessing of `fit_transform` to a validation or test split (or new inputs)."""
+        return x.whole(), y
 
     def make_spec(self, x_train: torch.Tensor, arrays: Arrays) -> DataSpec:
         """The DataSpec; the default covers classification (one output per class) and scalar regression."""
@@ -290,9 +292,9 @@ class InMemoryDataModule(pl.LightningDataModule):
             return self.spec
         arrays = self.load()
         host = self._split(arrays)
-        if type(self).fit_transform is not InMemoryDataModule.fit_transform:  # preprocessing needs whole splits
-            train = self.fit_transform(host["train"][0].whole(), host.pop("train")[1])
-            fitted = {"train": train, **{k: self.transform(x.whole(), y) for k, (x, y) in host.items()}}
+        if type(self).fit_transform is not InMemoryDataModule.fit_transform:  # fitted on train, applied to each split
+            train = self.fit_transform(*host.pop("train"))
+            fitted = {"train": train, **{k: self.transform(x, y) for k, (x, y) in host.items()}}
             host = {k: (Rows(x), np.asarray(y)) for k, (x, y) in fitted.items()}
         self.data_path = self._choose_path(host)
         fit_scaling = self._scaling()
@@ -319,7 +321,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         """New inputs, as `load()` gives them, transformed and normalized as the validation split was
         (after `prepare`): dlrun-predict's way to feed a trained network."""
         placeholder = np.zeros(len(x), dtype=np.int64 if self.task == "multiclass" else np.float32)  # no targets
-        inputs, _ = self._tensors(*self.transform(x, placeholder))
+        inputs, _ = self._tensors(*self.transform(Rows(x), placeholder))
         return self._normalized(inputs)
 
     def _normalized(self, x: torch.Tensor) -> torch.Tensor:

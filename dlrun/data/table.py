@@ -12,18 +12,41 @@ there (only in validation or test) becomes all zeros. The fitted state is plain 
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
-from dlrun.data.datamodule import Arrays, InMemoryDataModule
+from dlrun.data.datamodule import Arrays, InMemoryDataModule, Rows
 from dlrun.data.targets import check_task, encode_target
 from dlrun.errors import DataError, UserError
 
 FORMAT = 1  # of preprocessing.json
 PARQUET_SUFFIXES = (".parquet", ".pq")
+BLOCK_BYTES = 4 << 20  # of output written per block of rows: small enough to stay in cache while its columns are
+
+
+def new_array(rows: int, columns: int, dtype: torch.dtype, zeros: bool = False,
+              column_major: bool = False) -> np.ndarray:
+    """A new rows x columns array (uninitialized, or `zeros`), allocated by torch. NumPy asks the kernel for
+    transparent huge pages for any array of 4 MB or more (madvise); where the kernel then compacts memory on
+    demand to find them (THP defrag=madvise, its default), the first touch of a large array on a busy
+    machine waits for that: measured here, two to three seconds of system time for the 1.3 GB of a
+    million-row table. torch does not ask."""
+    new = torch.zeros if zeros else torch.empty
+    return new((columns, rows), dtype=dtype).numpy().T if column_major else new((rows, columns), dtype=dtype).numpy()
+
+
+def in_threads(work, items) -> list:
+    """`[work(item) for item in items]` on a few threads: numpy and pandas release the GIL in the long
+    loops (copies, arithmetic, sorting, hashing), so columns and blocks of rows proceed in parallel.
+    The first item (in order) to raise raises, as in the plain loop."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(work, items))
 
 
 def require_file(path: str | None, name: str, knob: str, example: str) -> Path:
@@ -141,17 +164,23 @@ class Table(InMemoryDataModule):
                 raise DataError(f"dataset={self.name}: {self.path} has missing values in the columns {named}.",
                                 "Fill them in the file, or set dataset.missing=impute (median / most frequent value).")
         given = self.preprocessing
-        target = encode_target(labels.to_numpy(), given["task"] if given else self.task_setting,
+        # text labels as pandas holds them (Arrow strings): encoded there, not as a million Python strings
+        values = labels.array if isinstance(labels.dtype, pd.StringDtype) else labels.to_numpy()
+        target = encode_target(values, given["task"] if given else self.task_setting,
                                f"the target column {self.target!r}", tuple(given["class_names"]) if given else None)
         self.task, self.target_classes = target.task, target.class_names
         return Arrays(x, target.y, class_names=target.class_names)
 
     def _encode(self, frame: pd.DataFrame) -> np.ndarray:
-        """The feature columns of `frame` as numbers (see `_encode_column`), one column each."""
-        # column-major: each column is written in one contiguous run (row-major, every write is strided)
-        x = np.empty((len(frame), len(self.features)), dtype=np.float64, order="F")
-        for j, name in enumerate(self.features):
-            x[:, j] = self._encode_column(frame[name])
+        """The feature columns of `frame` as numbers (see `_encode_column`), one column each, column-major:
+        each column is written in one contiguous run, and `fit` reads a split's values of a column from it."""
+        x = new_array(len(frame), len(self.features), torch.float64, column_major=True)
+
+        def encode(j: int) -> None:
+            x[:, j] = self._encode_column(columns[j])
+
+        columns = [frame[name] for name in self.features]
+        in_threads(encode, range(len(columns)))
         return x
 
     def encode_new(self, frame: pd.DataFrame, where: str) -> np.ndarray:
@@ -194,29 +223,28 @@ class Table(InMemoryDataModule):
                         "Leave it out with dataset.features=[...], or convert it in the file (e.g. a date to a number).")
 
     # --- the fitted preprocessing --------------------------------------------------------------
-    def fit_transform(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def fit_transform(self, x: Rows, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.preprocessing is None:
             self.preprocessing = self.fit(x, y)
         return self.transform(x, y)
 
-    def fit(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    def fit(self, x: Rows, y: np.ndarray) -> dict[str, Any]:
         """The preprocessing's state, from the training split `x`, `y` only."""
-        columns = []
-        by_column = np.ascontiguousarray(x.T)  # one pass over x: a column of x is strided, a row of this is not
-        for j, name in enumerate(self.features):
-            values = by_column[j]
+
+        def fit_column(j: int) -> dict[str, Any]:
+            # the split's values of column j, contiguous (`_encode`'s column-major table holds a column in one run)
+            column = x.array[:, j]
+            name, values = self.features[j], np.ascontiguousarray(column) if x.index is None else column[x.index]
             present = values[~np.isnan(values)]
             if len(present) == 0:
                 raise DataError(f"dataset={self.name}: the column {name!r} has no value in the training split, so "
                                 "there is nothing to fill its missing values with.",
                                 "Leave it out with dataset.features=[...].")
             if name not in self.levels:
-                fill = float(np.median(present))
+                fill = float(np.median(present, overwrite_input=True))  # `present` is this column's own copy
                 filled = np.where(np.isnan(values), fill, values)
                 mean, std = (float(filled.mean()), float(filled.std())) if self.standardize else (0.0, 1.0)
-                columns.append({"name": name, "kind": "numeric", "fill": fill, "mean": mean,
-                                "std": std if std > 1e-12 else 1.0})
-                continue
+                return {"name": name, "kind": "numeric", "fill": fill, "mean": mean, "std": std if std > 1e-12 else 1.0}
             levels = self.levels[name]
             counts = np.bincount(present.astype(np.int64), minlength=len(levels))
             seen = np.nonzero(counts)[0]
@@ -225,8 +253,10 @@ class Table(InMemoryDataModule):
                                 f"training split, more than dataset.max_categories = {self.max_categories} (one input "
                                 "feature each).", f"Leave it out with dataset.features=[...], or raise "
                                 f"dataset.max_categories (to at least {len(seen)}) if each value means something.")
-            columns.append({"name": name, "kind": "categorical", "fill": str(levels[int(np.argmax(counts))]),
-                            "categories": sorted(str(v) for v in levels[seen])})
+            return {"name": name, "kind": "categorical", "fill": str(levels[int(np.argmax(counts))]),
+                    "categories": sorted(str(v) for v in levels[seen])}
+
+        columns = in_threads(fit_column, range(len(self.features)))
         state: dict[str, Any] = {"format": FORMAT, "task": self.task, "target": self.target,
                                  "class_names": list(self.target_classes), "columns": columns}
         if self.task == "regression":
@@ -234,7 +264,7 @@ class Table(InMemoryDataModule):
             state.update(target_mean=mean, target_std=std if std > 1e-12 else 1.0)
         return state
 
-    def transform(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def transform(self, x: Rows, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         state = self.preprocessing
         try:
             return self._apply(state, x, y)
@@ -243,36 +273,48 @@ class Table(InMemoryDataModule):
                             f"({type(err).__name__}: {err}).", "Evaluate on the data the run was trained on, with its "
                             "config; or train the run again.") from err
 
-    def _apply(self, state: dict[str, Any], x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _apply(self, state: dict[str, Any], x: Rows, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         columns = state["columns"]
         if [c["name"] for c in columns] != self.features:
             raise ValueError(f"it was fitted on the columns {[c['name'] for c in columns]}, not {self.features}")
         widths = [1 if c["kind"] == "numeric" else len(c["categories"]) for c in columns]
         starts = np.cumsum([0, *widths[:-1]])
-        out = np.zeros((len(x), sum(widths)), dtype=np.float32)  # zeros: the one-hot blocks need only their ones
+        out = new_array(len(x), sum(widths), torch.float32, zeros=True)  # the one-hot blocks need only their ones
         numeric = [j for j, c in enumerate(columns) if c["kind"] == "numeric"]
-        if numeric:  # all numeric columns at once, in place on one copy (float64, then float32 once)
-            block = x[:, numeric]
-            fill, mean, std = (np.array([float(columns[j][k]) for j in numeric]) for k in ("fill", "mean", "std"))
-            np.copyto(block, np.broadcast_to(fill, block.shape), where=np.isnan(block))
-            block -= mean
-            block /= std
-            out[:, starts[numeric]] = block
+        fill, mean, std = (np.array([float(columns[j][k]) for j in numeric]) for k in ("fill", "mean", "std"))
         categorical = [j for j, c in enumerate(columns) if c["kind"] == "categorical"]
-        if categorical:
-            # each row's one-hot column in `out` per text column (-1: a value never seen in training), then
-            # every one set by a single scatter
-            codes = np.ascontiguousarray(x[:, categorical].T)  # one row per text column: contiguous
-            hot = np.empty((len(categorical), len(x)), dtype=np.int64)
-            for i, j in enumerate(categorical):
-                column = columns[j]
-                position = {str(c): starts[j] + k for k, c in enumerate(column["categories"])}
-                levels = self.levels[column["name"]]
-                # this file's value index -> column of `out`; the last entry: a missing value (the fill's)
-                lookup = np.array([position.get(v, -1) for v in levels] + [position.get(column["fill"], -1)])
-                hot[i] = lookup[np.nan_to_num(codes[i], nan=len(levels)).astype(np.int64)]
-            flat = hot + np.arange(len(x)) * out.shape[1]  # positions in out's flat buffer
-            out.reshape(-1)[flat[hot >= 0]] = 1.0
+        # per text column, this file's value index -> column of `out` (-1: a value never seen in training,
+        # all zeros), its last entry for a missing value (the fill's); all of them end to end in `lookup`
+        lookups = []
+        for j in categorical:
+            position = {str(c): starts[j] + k for k, c in enumerate(columns[j]["categories"])}
+            levels = self.levels[columns[j]["name"]]
+            lookups.append(np.array([position.get(v, -1) for v in levels] + [position.get(columns[j]["fill"], -1)]))
+        lookup = np.concatenate([*lookups, np.zeros(0, dtype=np.int64)]).astype(np.int64)
+        first = np.cumsum([0, *map(len, lookups)])[:-1]  # where each column's lookup begins in `lookup`
+        missing_code = np.array([len(table) - 1 for table in lookups], dtype=np.float64)
+        rows = max(1, BLOCK_BYTES // max(1, out[:1].nbytes))
+
+        def block(start: int) -> None:
+            # rows start..stop written straight into `out`, column by column while they are in cache; the same
+            # arithmetic, element by element, as the whole split at once, so the values do not depend on blocks
+            stop = min(len(x), start + rows)
+            # these rows of `load()`'s inputs (the split itself is never copied whole)
+            encoded = x.array[start:stop] if x.index is None else x.array[x.index[start:stop]]
+            if numeric:
+                values = encoded[:, numeric]
+                np.copyto(values, np.broadcast_to(fill, values.shape), where=np.isnan(values))
+                values -= mean
+                values /= std
+                out[start:stop, starts[numeric]] = values
+            if categorical:
+                codes = encoded[:, categorical]
+                np.copyto(codes, np.broadcast_to(missing_code, codes.shape), where=np.isnan(codes))
+                hot = lookup[codes.astype(np.int64) + first]  # (rows, text columns): a column of `out`, or -1
+                flat = hot + np.arange(start, stop)[:, None] * out.shape[1]  # positions in out's flat buffer
+                out.reshape(-1)[flat[hot >= 0]] = 1.0
+
+        in_threads(block, range(0, len(x), rows))
         if state["task"] == "regression":
             y = (y - float(state["target_mean"])) / float(state["target_std"])
         return out, y

@@ -34,8 +34,10 @@ def check_task(task: str | None, name: str) -> str | None:
     return task
 
 
-def encode_target(values: np.ndarray, task: str | None, where: str, classes: tuple[str, ...] | None = None) -> Target:
-    """Encode 1-D labels without missing values. `where` names them in messages (a column, a file);
+def encode_target(values: np.ndarray | pd.api.extensions.ExtensionArray, task: str | None, where: str,
+                  classes: tuple[str, ...] | None = None) -> Target:
+    """Encode 1-D labels without missing values (a NumPy array, or a pandas array such as a CSV's Arrow
+    strings). `where` names them in messages (a column, a file);
     `classes`, a run's saved class names, fixes the numbering instead of the sorted values."""
     kind = values.dtype.kind
     numeric = kind in "fiub"

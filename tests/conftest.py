@@ -67,6 +67,16 @@ def run_dlrun(tmp_path: Path) -> Callable[..., Result]:
     return dlrun_in(tmp_path)
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A completed run (the default MLP, 2 epochs on 200 digits) for the tests that read or break a run
+    directory; they change only copies of it. Its dlrun.log is that of a normal run."""
+    result = dlrun_in(tmp_path_factory.mktemp("trained"))(
+        "print_config=false", "callbacks.model_summary=false", "callbacks.progress_bar=false",
+        "trainer.max_epochs=2", "dataset.n_train=200")
+    return result.run_dir
+
+
 @pytest.fixture
 def compose_cfg() -> Callable[..., DictConfig]:
     """Compose dlrun's real config with overrides, as Hydra does for the command line."""

@@ -43,23 +43,38 @@ class Result:
         return json.loads(((run_dir or self.run_dir) / "summary.json").read_text())
 
 
-@pytest.fixture
-def run_dlrun(tmp_path: Path) -> Callable[..., Result]:
-    """Run `dlrun ARGS...` as a user would, in tmp_path, with outputs under tmp_path/outputs."""
+def dlrun_in(directory: Path) -> Callable[..., Result]:
+    """Run `dlrun ARGS...` as a user would, in `directory`, with outputs under directory/outputs."""
 
     def run(*args: str, env: dict[str, str] | None = None, timeout: float = 600, check: bool = True) -> Result:
-        full_env = {**os.environ, "DLRUN_OUTPUT_DIR": str(tmp_path / "outputs"), "COLUMNS": "120"}
+        full_env = {**os.environ, "DLRUN_OUTPUT_DIR": str(directory / "outputs"), "COLUMNS": "120"}
         full_env.pop("HYDRA_FULL_ERROR", None)
         full_env.update(env or {})
         proc = subprocess.run(
-            [*DLRUN, *args], cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout
+            [*DLRUN, *args], cwd=directory, env=full_env, capture_output=True, text=True, timeout=timeout
         )
-        result = Result(proc.returncode, proc.stdout, proc.stderr, tmp_path / "outputs")
+        result = Result(proc.returncode, proc.stdout, proc.stderr, directory / "outputs")
         if check and proc.returncode != 0:
             raise AssertionError(f"dlrun {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
         return result
 
     return run
+
+
+@pytest.fixture
+def run_dlrun(tmp_path: Path) -> Callable[..., Result]:
+    """Run `dlrun ARGS...` as a user would, in tmp_path, with outputs under tmp_path/outputs."""
+    return dlrun_in(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A completed run (the default MLP, 2 epochs on 200 digits) for the tests that read or break a run
+    directory; they change only copies of it. Its dlrun.log is that of a normal run."""
+    result = dlrun_in(tmp_path_factory.mktemp("trained"))(
+        "print_config=false", "callbacks.model_summary=false", "callbacks.progress_bar=false",
+        "trainer.max_epochs=2", "dataset.n_train=200")
+    return result.run_dir
 
 
 @pytest.fixture

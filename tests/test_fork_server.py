@@ -34,6 +34,13 @@ def server(tmp_path_factory) -> ForkServer:
     server.close()
 
 
+def test_a_server_closed_while_warming_up_is_stopped_not_waited_for(tmp_path):
+    """Closed during its imports (a resumed sweep with nothing left to run), it has started no job: stopped."""
+    server = ForkServer({**os.environ}, stderr=tmp_path / "server.log")
+    server.close()
+    assert server._process.returncode == -signal.SIGTERM and not server.ready()
+
+
 @pytest.mark.slow
 def test_a_forked_job_is_a_fresh_runs_equal(server, tmp_path):
     """Forked or started fresh, a job trains the same numbers; the forked one is its own session, not the server."""
@@ -79,11 +86,10 @@ def test_forked_jobs_crash_alone_get_their_environment_and_obey_timeouts(server,
 @pytest.mark.slow
 def test_sweep_forks_its_cpu_jobs_unless_told_not_to(run_dlrun):
     forked = run_dlrun("-m", "seed=0,1", *QUIET, *FAST)
-    run_dlrun("-m", "seed=0,1", *QUIET, *FAST, "hydra.launcher.fork_server=false")
+    run_dlrun("-m", "seed=0", *QUIET, *FAST, "hydra.launcher.fork_server=false")  # fresh: one job will do
     first, second = sorted((forked.output_dir / "sweeps").iterdir())
     jobs = {d: sorted((json.loads(p.read_text()) for p in d.glob("*/summary.json")), key=lambda s: s["seed"])
             for d in (first, second)}
     assert [j["sweep_job"]["forked"] for j in jobs[first]] == [True, True]
-    assert [j["sweep_job"]["forked"] for j in jobs[second]] == [False, False]
-    for a, b in zip(jobs[first], jobs[second], strict=True):
-        assert {k: a[k] for k in RESULTS} == {k: b[k] for k in RESULTS}
+    assert [j["sweep_job"]["forked"] for j in jobs[second]] == [False]
+    assert {k: jobs[first][0][k] for k in RESULTS} == {k: jobs[second][0][k] for k in RESULTS}  # seed 0 alike

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from dlrun.lab.spec import LAB_DIR, lab_names, load_lab
 from dlrun.lab.verdict import HELD, INCONCLUSIVE, NOT_HELD, LabJob, judge, parse_check, parse_quantity
 from dlrun.run_summary import RunSummary
 from dlrun.rundir import RunDir
+from tests.conftest import Result, dlrun_in
 
 
 def job(level: str, seed: int, status: str = "completed", csv: str | None = None, tmp: Path | None = None,
@@ -207,10 +209,23 @@ def test_bad_lab_settings_exit_2(run_dlrun, args, says):
 
 
 # --- every lab, trained at quick size -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quick_lab(tmp_path_factory) -> Callable[[str], Result]:
+    """`dlrun lab=<name>` at quick size, each lab run once in its own directory for the tests that read it."""
+    done: dict[str, Result] = {}
+
+    def run(name: str) -> Result:
+        if name not in done:
+            done[name] = dlrun_in(tmp_path_factory.mktemp(name))(f"lab={name}", env={"COLUMNS": "400"})
+        return done[name]
+
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", lab_names())
-def test_every_lab_holds_at_quick_size(run_dlrun, name):
-    result = run_dlrun(f"lab={name}", env={"COLUMNS": "400"})
+def test_every_lab_holds_at_quick_size(quick_lab, name):
+    result = quick_lab(name)
     lab_dir = next((result.output_dir / "labs").glob(f"{name}_quick_*"))
     verdict = json.loads((lab_dir / "lab_verdict.json").read_text())
     assert verdict["verdict"] == HELD, result.stdout[-3000:]
@@ -221,11 +236,11 @@ def test_every_lab_holds_at_quick_size(run_dlrun, name):
 
 
 @pytest.mark.slow
-def test_a_lab_resumes_in_its_directory_without_training_again(run_dlrun):
-    first = run_dlrun("lab=inverse_time", env={"COLUMNS": "400"})
+def test_a_lab_resumes_in_its_directory_without_training_again(quick_lab):
+    first = quick_lab("inverse_time")  # the run test_every_lab_holds_at_quick_size checked
     lab_dir = next((first.output_dir / "labs").glob("inverse_time_quick_*"))
     before = {p: p.stat().st_mtime_ns for p in lab_dir.glob("*/summary.json")}
-    again = run_dlrun(f"lab.resume={lab_dir}", env={"COLUMNS": "400"})
+    again = dlrun_in(first.output_dir.parent)(f"lab.resume={lab_dir}", env={"COLUMNS": "400"})
     assert "completed earlier, skipped" in again.stdout and "inverse_time: held" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in lab_dir.glob("*/summary.json")} == before
     assert len(list((first.output_dir / "labs").iterdir())) == 1

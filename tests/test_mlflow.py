@@ -52,7 +52,7 @@ def mlflow_server(tmp_path_factory):
         if server.poll() is not None or time.time() > deadline:
             server.kill()
             pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-        time.sleep(1)
+        time.sleep(0.2)
     yield uri
     server.terminate()
     try:

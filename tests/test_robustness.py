@@ -357,16 +357,7 @@ def test_load_checkpoint_refuses_bad_files_clearly(tmp_path):
         load_checkpoint(tmp_path / "good.ckpt", {"w": torch.zeros(2, 3), "b": torch.zeros(3)})
 
 
-# --- one trained run, shared by dlrun-eval and the bad-input table -----------------------------------
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("trained")
-    proc = subprocess.run([*DLRUN, *QUIET, "trainer.max_epochs=2", "dataset.n_train=200"], env=_env(out),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return _only_run_dir(out)
+# --- dlrun-eval and the bad-input table, on conftest.py's trained run ----------------------------
 
 
 @pytest.mark.slow

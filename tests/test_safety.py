@@ -95,16 +95,6 @@ def test_a_genuine_cifar_batch_still_trains(tmp_path):
 # --- configs from run and sweep directories name only what dlrun's configs define -----------------------
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """A completed run; its dlrun.log is that of a normal run."""
-    out = tmp_path_factory.mktemp("trained") / "out"
-    proc = _run(DLRUN, out, *QUIET, "trainer.max_epochs=2", "dataset.n_train=200")
-    assert proc.returncode == 0, proc.stderr
-    (config,) = (out / "runs").glob("*/*/config.yaml")
-    return config.parent
-
-
 def _copy_with(trained_run: Path, where: Path, status: str, edit) -> Path:
     shutil.copytree(trained_run, where)
     summary = json.loads((where / "summary.json").read_text())

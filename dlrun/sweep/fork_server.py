@@ -213,7 +213,12 @@ class ForkServer:
         self._read(block=False)
 
     def close(self) -> None:
-        """Let the server end (its stdin closes); the jobs it started are not touched."""
+        """Let the server end (its stdin closes); the jobs it started are not touched. One still warming up
+        has started none (it reads requests only once warm): it is stopped, not waited for through its imports
+        (a resumed sweep with nothing left to run ends at once)."""
+        self._read(block=False)
+        if not self._warm and self._process.poll() is None:
+            self._process.terminate()
         if self._process.stdin is not None and not self._process.stdin.closed:
             self._process.stdin.close()
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -1,8 +1,9 @@
 """Early termination: the same random search on digits with and without a pruner (Optuna's ASHA).
 
-    python benchmarks/early_termination.py [--trials 32] [--epochs 30] [--parallel 2] [--pruner asha] [--json FILE]
+    python benchmarks/early_termination.py [--trials 32] [--epochs 30] [--parallel 2] [--pruner asha] [--seed 0] [--json FILE]
 
-Both searches draw the same trials (the same sampler seed): an MLP's learning rate (log-uniform) and
+Both searches draw the same trials (the same sampler seed, `--seed`; another seed is another search, on which
+settings chosen on one can be checked): an MLP's learning rate (log-uniform) and
 width. Each is a real `dlrun -m sweep=random` sweep, every job its own process. The table gives the
 epochs trained over all jobs, the sweep's wall time, and the best validation loss found, read from the
 jobs' summary.json files: over every job (a pruned job's best checkpoint is a model too; the sweep table
@@ -26,10 +27,10 @@ from timed_sweep import timed_sweep  # beside this file: python puts benchmarks/
 SPACE = ["optim.lr=tag(log,interval(1e-4,3e-1))", "model.width=choice(16,32,64,128,256)"]
 
 
-def run_search(pruner: str, trials: int, epochs: int, parallel: int, workdir: Path) -> dict:
+def run_search(pruner: str, trials: int, epochs: int, parallel: int, seed: int, workdir: Path) -> dict:
     """One sweep; its epochs trained (over every job), wall time, best value and job counts."""
     sweep_dir, wall = timed_sweep(
-        ["sweep=random", f"sweep.n_trials={trials}", "sweep.seed=0", f"sweep.pruner={pruner}", *SPACE, "dataset=digits",
+        ["sweep=random", f"sweep.n_trials={trials}", f"sweep.seed={seed}", f"sweep.pruner={pruner}", *SPACE, "dataset=digits",
          f"trainer.max_epochs={epochs}", "callbacks.early_stopping.enabled=false", f"hydra.launcher.n_jobs={parallel}",
          "print_config=false", "callbacks.progress_bar=false", "callbacks.model_summary=false"], workdir / pruner)
     jobs = json.loads((sweep_dir / "sweep_summary.json").read_text())["jobs"]
@@ -48,14 +49,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="trainer.max_epochs of every job")
     parser.add_argument("--parallel", type=int, default=2, help="hydra.launcher.n_jobs")
     parser.add_argument("--pruner", default="asha", choices=["median", "asha", "hyperband"])
+    parser.add_argument("--seed", type=int, default=0, help="the sampler's seed: which trials both searches draw")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run_search(p, args.trials, args.epochs, args.parallel, Path(tmp)) for p in ("none", args.pruner)]
+        results = [run_search(p, args.trials, args.epochs, args.parallel, args.seed, Path(tmp)) for p in ("none", args.pruner)]
     full, pruned = results
     table = Table("pruner", "jobs", "pruned", "epochs trained", "sweep wall s", "best val/loss", "of completed jobs",
                   title=f"{args.trials}-trial random search on digits (MLP: lr, width), {args.epochs} epochs a job, "
-                        f"{args.parallel} at a time, {os.cpu_count()} CPU cores")
+                        f"{args.parallel} at a time, seed {args.seed}, {os.cpu_count()} CPU cores")
     for r in results:
         table.add_row(r["pruner"], str(r["jobs"]), str(r["pruned"]), str(r["epochs_trained"]),
                       f"{r['wall_seconds']:.1f}", *(_shown(r[key]) for key in ("best_val_loss", "best_completed_val_loss")))
@@ -68,7 +70,7 @@ def main() -> None:
                   + " (of every job and of the completed ones) from the unpruned search's")
     if args.json:
         args.json.write_text(json.dumps({"cpus": os.cpu_count(), "trials": args.trials, "epochs": args.epochs,
-                                         "parallel": args.parallel, "runs": results, "epochs_ratio": round(fewer, 3),
+                                         "parallel": args.parallel, "seed": args.seed, "runs": results, "epochs_ratio": round(fewer, 3),
                                          "best_gap": gaps["best_val_loss"],
                                          "best_completed_gap": gaps["best_completed_val_loss"]}, indent=2) + "\n")
 

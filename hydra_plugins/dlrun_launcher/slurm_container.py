@@ -128,9 +128,7 @@ class ContainerSlurmLauncher(SlurmLauncher):
 
     def launch(self, job_overrides, initial_job_idx):
         python = self._container_python()
-        if python is None:
-            return super().launch(job_overrides, initial_job_idx)
-        with _submitit_python(python):
+        with _submitit_python(python) if python else contextlib.nullcontext():
             return super().launch(job_overrides, initial_job_idx)
 
     def submit_workers(self, work: Callable[[int], Any], count: int) -> list:

@@ -25,9 +25,9 @@ from typing import ClassVar
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from sklearn.model_selection import train_test_split
 
 from dlrun.data.spec import DataSpec
+from dlrun.data.split import cut as seeded_cut
 from dlrun.errors import DataError
 from dlrun.training.grouping import Group
 
@@ -373,8 +373,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         def cut(index: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
             if fraction == 0:  # dataset.val_fraction=0: no validation split, every sample trains
                 return index, index[:0]
-            labels = y[index] if classification and _can_stratify(y[index], fraction) else None
-            return train_test_split(index, test_size=fraction, random_state=self.data_seed, stratify=labels)
+            return seeded_cut(index, fraction, self.data_seed, y[index] if classification else None)
 
         if arrays.x_val is not None and arrays.x_test is not None:
             train_idx = idx
@@ -565,9 +564,3 @@ def _size(n: float) -> str:
         n /= 1024
     return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
 
-
-def _can_stratify(labels: np.ndarray, fraction: float) -> bool:
-    """Stratification needs at least two samples per class and room for every class on both sides."""
-    _, counts = np.unique(labels, return_counts=True)
-    n_small = int(round(len(labels) * fraction))
-    return counts.min() >= 2 and len(counts) <= n_small <= len(labels) - len(counts)

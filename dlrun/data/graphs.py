@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
-from dlrun.data.datamodule import InMemoryDataModule, _can_stratify
+from dlrun.data.datamodule import InMemoryDataModule
 from dlrun.data.spec import DataSpec, Graph
+from dlrun.data.split import cut as seeded_cut
 from dlrun.data.vision import _ArraysOnlyUnpickler
 from dlrun.errors import DataError
 
@@ -100,8 +100,7 @@ class GraphDataModule(InMemoryDataModule):
         index = np.arange(len(labels))
 
         def cut(part: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-            strata = labels[part] if _can_stratify(labels[part], fraction) else None
-            return train_test_split(part, test_size=fraction, random_state=self.data_seed, stratify=strata)
+            return seeded_cut(part, fraction, self.data_seed, labels[part])
 
         rest, test = cut(index, self.test_fraction)
         train, val = cut(rest, self.val_fraction / (1.0 - self.test_fraction))

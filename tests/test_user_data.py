@@ -11,7 +11,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dlrun.data import table
 from dlrun.errors import DataError
 from dlrun.evaluate import evaluate
 from dlrun.run import build_experiment
@@ -56,9 +55,14 @@ def test_task_and_classes_are_inferred_from_the_target(datamodule, tmp_path):
     assert (spec.task, spec.input_shape) == ("regression", (1,))
 
 
+def network_inputs(dm, split: str) -> torch.Tensor:
+    """A table's split as the network takes it: held compact (a code per text column), widened per batch."""
+    return dm.inputs(split, dm.split_size(split))
+
+
 def _train_rows(dm) -> np.ndarray:
     """The row numbers of the training split of a table whose column `row` is the row number."""
-    x, _ = dm.splits["train"]
+    x = network_inputs(dm, "train")
     column = dm.preprocessing["columns"][0]
     return np.rint(x[:, 0].double().numpy() * column["std"] + column["mean"]).astype(int)
 
@@ -92,7 +96,7 @@ def test_preprocessing_is_fitted_on_the_training_split_only(datamodule, tmp_path
         frame.loc[train, "size"].dropna())))
     # held-out rows with the unseen colour: all-zero one-hot; the others exactly one 1
     for split in ("val", "test"):
-        x = other.splits[split][0].numpy()
+        x = network_inputs(other, split).numpy()
         rows = np.rint(x[:, 0] * plain.preprocessing["columns"][0]["std"] + plain.preprocessing["columns"][0]["mean"])
         unseen = changed.loc[rows.astype(int), "colour"].to_numpy() == "ultraviolet"
         assert unseen.any() and (~unseen).any()
@@ -100,12 +104,11 @@ def test_preprocessing_is_fitted_on_the_training_split_only(datamodule, tmp_path
         assert np.all(x[~unseen, 2:4].sum(axis=1) == 1)
 
 
-def test_rows_transformed_in_blocks_on_threads_are_the_plain_formula(datamodule, tmp_path, monkeypatch):
-    """`Table` writes each split's output a block of rows at a time, on threads; with blocks of a few rows,
-    every row is still (its value, or the training median, minus the mean) / std for a numeric column, and
-    a 1 at its value's (or, missing, the most frequent value's) category for a text one, none for a
-    value training never saw."""
-    monkeypatch.setattr(table, "BLOCK_BYTES", 64)  # two rows a block
+def test_rows_transformed_column_by_column_on_threads_are_the_plain_formula(datamodule, tmp_path):
+    """`Table` transforms each split column by column, on threads, into compact rows that are widened per
+    batch; every row the network sees is still (its value, or the training median, minus the mean) / std
+    for a numeric column, and a 1 at its value's (or, missing, the most frequent value's) category for a
+    text one, none for a value training never saw."""
     n = 400
     rng = np.random.default_rng(2)
     frame = pd.DataFrame({"row": np.arange(n, dtype=float), "size": rng.normal(size=n),
@@ -120,8 +123,17 @@ def test_rows_transformed_in_blocks_on_threads_are_the_plain_formula(datamodule,
     dm.prepare()
     columns = {c["name"]: c for c in dm.preprocessing["columns"]}
     row, unseen = columns["row"], 0
-    for split, (x, _) in dm.splits.items():
+    for split in ("train", "val", "test"):
+        assert dm.splits[split][0].shape[1] == len(columns)  # held compact: one number per column
+        x = network_inputs(dm, split)
         rows = np.rint(x[:, 0].double().numpy() * row["std"] + row["mean"]).astype(int)
+        if split == "train":  # the statistics: median, then mean and std of the filled training values
+            for name in ("row", "size", "count"):
+                values = frame.loc[rows, name]
+                filled = values.fillna(values.median()).to_numpy(float)
+                assert columns[name]["fill"] == values.median()
+                assert columns[name]["mean"] == pytest.approx(filled.mean(), rel=1e-12)
+                assert columns[name]["std"] == pytest.approx(filled.std(), rel=1e-12)
         expected = []
         for name, c in columns.items():
             values = frame.loc[rows, name]
@@ -133,6 +145,38 @@ def test_rows_transformed_in_blocks_on_threads_are_the_plain_formula(datamodule,
         assert np.array_equal(x.numpy(), np.hstack(expected).astype(np.float32)), split
         unseen += sum(frame.loc[r, "shape"] not in columns["shape"]["categories"] for r in rows)
     assert unseen > 0
+
+
+def test_a_table_is_held_compact_and_scaled_to_unit_range_for_an_autoencoder(datamodule, tmp_path):
+    """Held: one float32 per column; the network sees one input per category. For an autoencoder or a
+    VAE (unit inputs) each numeric column is mapped to [0, 1] by its training minimum and range."""
+    write_table(tmp_path / "houses.csv")
+    args = (f"dataset.path={tmp_path / 'houses.csv'}", "dataset.target=churned", "dataset.features=[age,city,income]")
+    dm = datamodule("csv", *args)
+    dm.unit_inputs = True
+    assert dm.prepare().input_shape == (5,)
+    assert dm.splits["train"][0].shape[1] == 3
+    train = network_inputs(dm, "train")
+    assert torch.equal(train.amin(0), torch.zeros(5)) and torch.equal(train.amax(0), torch.ones(5))
+    for split in ("val", "test"):
+        assert network_inputs(dm, split)[:, 1:4].sum(1).eq(1).all()  # a city each: none unseen, missing filled
+    frame = pd.read_csv(tmp_path / "houses.csv")
+    age = dm.preprocessing["columns"][0]
+    assert age["std"] > 0 and frame["age"].min() <= age["mean"] <= frame["age"].max()
+
+
+def test_a_streamed_table_gives_the_batches_it_gives_in_memory(datamodule, tmp_path):
+    """Both paths widen the same compact rows: the same batches, in the same order, to the bit."""
+    write_table(tmp_path / "houses.csv")
+    args = (f"dataset.path={tmp_path / 'houses.csv'}", "dataset.target=tier", "dataset.batch_size=32")
+    memory, streamed = (datamodule("csv", *args, f"dataset.in_memory={held}") for held in ("true", "false"))
+    assert memory.prepare() == streamed.prepare() and memory.spec.input_shape == (8,)  # 2 text columns: 3 + 2
+    assert (memory.data_path["mode"], streamed.data_path["mode"]) == ("in memory", "streamed")
+    for loaders in ((memory.train_dataloader(), streamed.train_dataloader()),
+                    (memory.eval_loader("test"), streamed.eval_loader("test"))):
+        pairs = list(zip(*loaders, strict=True))
+        assert pairs and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs)
+        assert pairs[0][0][0].shape[1] == 8
 
 
 def test_missing_values_are_imputed_or_refused(datamodule, tmp_path):
@@ -153,7 +197,7 @@ def test_parquet_reads_like_csv(datamodule, tmp_path):
     b = datamodule("csv", f"dataset.path={tmp_path / 'houses.parquet'}", "dataset.target=churned")
     assert a.prepare() == b.prepare()
     for split in ("train", "val", "test"):
-        assert np.allclose(a.splits[split][0].numpy(), b.splits[split][0].numpy(), atol=1e-5)
+        assert np.allclose(network_inputs(a, split).numpy(), network_inputs(b, split).numpy(), atol=1e-5)
 
 
 @pytest.mark.slow

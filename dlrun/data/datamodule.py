@@ -45,7 +45,7 @@ class Arrays:
     alone, only the test split is cut from `x`.
     """
 
-    x: np.ndarray
+    x: np.ndarray  # or rows of the data set's own kind that its fit_transform reads (a table's `Columns`)
     y: np.ndarray
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
@@ -110,10 +110,12 @@ class BatchOrder:
 
 
 class IndexBatches:
-    """An iterable of (x, y) batches drawn by index from tensors (on the training device), in `BatchOrder`."""
+    """An iterable of (x, y) batches drawn by index from tensors (on the training device), in `BatchOrder`;
+    `widen` (the data set's, if any) turns each batch's stored inputs into the network's."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, **order):
-        self.x, self.y = x, y
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool,
+                 widen: Callable[[torch.Tensor], torch.Tensor] | None = None, **order):
+        self.x, self.y, self.widen = x, y, widen
         self.order = BatchOrder(len(x), batch_size, shuffle, **order)
 
     def __len__(self) -> int:
@@ -124,7 +126,8 @@ class IndexBatches:
         size = self.order.batch_size
         for start in range(0, len(self) * size, size):
             index = order[start : start + size]
-            yield self.x[index], self.y[index]
+            x = self.x[index]
+            yield (x if self.widen is None else self.widen(x)), self.y[index]
 
 
 class Rows:
@@ -186,8 +189,9 @@ class StreamedSplit(torch.utils.data.Dataset):
     """One split on the host; item `positions` (a batch of indices from BatchOrder) is that batch as tensors,
     converted and normalized as the in-memory path converts and normalizes the whole split."""
 
-    def __init__(self, x: Rows, y: np.ndarray, to_tensors: Callable, norm: tuple[torch.Tensor, torch.Tensor] | None):
-        self.x, self.y, self.to_tensors, self.norm = x, y, to_tensors, norm
+    def __init__(self, x: Rows, y: np.ndarray, to_tensors: Callable, norm: tuple[torch.Tensor, torch.Tensor] | None,
+                 widen: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.x, self.y, self.to_tensors, self.norm, self.widen = x, y, to_tensors, norm, widen
 
     def __len__(self) -> int:
         return len(self.x)
@@ -197,7 +201,7 @@ class StreamedSplit(torch.utils.data.Dataset):
         x, y = self.to_tensors(self.x.take(positions), self.y[positions])
         if self.norm is not None:  # in place: x is this batch's own copy, and a fresh batch-sized tensor costs page faults
             x.sub_(self.norm[0]).div_(self.norm[1])
-        return x, y
+        return (x if self.widen is None else self.widen(x)), y
 
 
 class InMemoryDataModule(pl.LightningDataModule):
@@ -210,6 +214,9 @@ class InMemoryDataModule(pl.LightningDataModule):
     #: the range the inputs can take (digits: 0 to 16), which unit_inputs maps to [0, 1]; None: pixels are
     #: [0, 1] already, other inputs are scaled with the training split's range, per feature (per channel)
     value_range: ClassVar[tuple[float, float] | None] = None
+    #: a data set that stores its inputs narrower than the network takes them (a table's text column as one
+    #: code instead of one 0/1 feature per value) widens each batch with this, where the batch is (the device)
+    widen: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __init__(
         self,
@@ -304,7 +311,7 @@ class InMemoryDataModule(pl.LightningDataModule):
                 self.norm_stats = fit_scaling(
                     len(x_train), lambda a, b: self._tensors(x_train.take(slice(a, b)), y_train[a:b])[0])
             self.streamed = host
-            self.spec = self.make_spec(torch.empty((0, *x_train.sample_shape)), arrays)
+            self.spec = self.make_spec(self._widened(torch.empty((0, *x_train.sample_shape))), arrays)
             return self.spec
         parts = {k: self._tensors(x.whole(), y) for k, (x, y) in host.items()}
         if fit_scaling:
@@ -314,7 +321,7 @@ class InMemoryDataModule(pl.LightningDataModule):
             mean, std = self.norm_stats
             parts = {k: ((x - mean) / std, y) for k, (x, y) in parts.items()}
         self.splits = parts
-        self.spec = self.make_spec(parts["train"][0], arrays)
+        self.spec = self.make_spec(self._widened(parts["train"][0][:0]), arrays)
         return self.spec
 
     def prepare_inputs(self, x: np.ndarray) -> torch.Tensor:
@@ -322,13 +329,16 @@ class InMemoryDataModule(pl.LightningDataModule):
         (after `prepare`): dlrun-predict's way to feed a trained network."""
         placeholder = np.zeros(len(x), dtype=np.int64 if self.task == "multiclass" else np.float32)  # no targets
         inputs, _ = self._tensors(*self.transform(Rows(x), placeholder))
-        return self._normalized(inputs)
+        return self._widened(self._normalized(inputs))
 
     def _normalized(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_stats is None:
             return x
         mean, std = self.norm_stats
         return (x - mean) / std
+
+    def _widened(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.widen is None else self.widen(x)
 
     def _choose_path(self, host: dict[str, tuple[Rows, np.ndarray]]) -> dict:
         """In memory or streamed, and why: dataset.in_memory, or (auto) whether the splits' tensors fit the budget."""
@@ -367,7 +377,7 @@ class InMemoryDataModule(pl.LightningDataModule):
     def _split(self, arrays: Arrays) -> dict[str, tuple[Rows, np.ndarray]]:
         """{split: (its rows of the inputs, its targets)}: the inputs are not copied (a memory map stays one)."""
         classification = self.task in ("multiclass", "binary")
-        x, y = np.asarray(arrays.x), np.asarray(arrays.y)
+        x, y = arrays.x, np.asarray(arrays.y)  # x as given: a memory map stays one (a table's `Columns` too)
         idx = np.arange(len(x))
 
         def cut(index: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -476,9 +486,9 @@ class InMemoryDataModule(pl.LightningDataModule):
     def inputs(self, split: str, n: int) -> torch.Tensor:
         """The first `n` inputs of `split` as the network sees them, on the host, on either path."""
         if not self.streamed:
-            return self.splits[split][0][:n].cpu()
+            return self._widened(self.splits[split][0][:n]).cpu()
         x, y = self.streamed[split]
-        return StreamedSplit(x, y, self._tensors, self.norm_stats)[torch.arange(min(n, len(x)))][0]
+        return StreamedSplit(x, y, self._tensors, self.norm_stats, self.widen)[torch.arange(min(n, len(x)))][0]
 
     def labels(self, split: str, n: int) -> torch.Tensor:
         """The targets of `inputs(split, n)`, on the host."""
@@ -499,11 +509,11 @@ class InMemoryDataModule(pl.LightningDataModule):
         }
         if not self.streamed:
             x, y = self.splits[split]
-            return IndexBatches(x, y, batch_size, shuffle=shuffle, **order)
+            return IndexBatches(x, y, batch_size, shuffle=shuffle, widen=self.widen, **order)
         x, y = self.streamed[split]
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         return torch.utils.data.DataLoader(
-            StreamedSplit(x, y, self._tensors, self.norm_stats),
+            StreamedSplit(x, y, self._tensors, self.norm_stats, self.widen),
             sampler=BatchOrder(len(x), batch_size, shuffle, **order),
             batch_size=None,  # each index the sampler yields is a whole batch's indices
             num_workers=self.num_workers,

@@ -1,13 +1,19 @@
 """A user's table (CSV, TSV or Parquet): one column is the target, the others become flat features.
 
-Loading turns each feature column into one column of numbers, with NaN where a value is missing:
-numeric and boolean columns as they are, text (and categorical) columns as the index of each value
-among the file's distinct values. The split is drawn on those rows, and the preprocessing is fitted
+Loading turns each feature column into one array of numbers (`Columns`): numeric and boolean columns
+as float64 with NaN where a value is missing, text (and categorical) columns as the index of each value
+among the file's distinct values (-1: missing). The split is drawn on those rows, and the preprocessing is fitted
 on the training split only (`fit_transform`): a missing value becomes the training median (numeric)
 or the most frequent training value (text); numeric columns are standardized with the training mean
-and std; a text column becomes one 0/1 feature per value seen in training, and a value never seen
-there (only in validation or test) becomes all zeros. The fitted state is plain JSON
-(`self.preprocessing`), saved as the run's `preprocessing.json` and applied as saved by dlrun-eval.
+and std (with the unit inputs of an autoencoder or VAE: mapped to [0, 1] by the training minimum and
+range, held in the same two fields); a text column becomes one 0/1 feature per value seen in training,
+and a value never seen there (only in validation or test) becomes all zeros. The fitted state is plain
+JSON (`self.preprocessing`), saved as the run's `preprocessing.json` and applied as saved by dlrun-eval.
+
+The splits are held compact, one float32 per column: a numeric column's transformed value, a text
+column's index among its training categories (-1: a value training never saw). `OneHot` widens each
+batch where it is drawn (on the training device), so a text column of 30 values costs 4 bytes a row in
+memory instead of 120, and the wide table is never written.
 """
 
 from __future__ import annotations
@@ -25,20 +31,17 @@ from dlrun.data.datamodule import Arrays, InMemoryDataModule, Rows
 from dlrun.data.targets import check_task, encode_target
 from dlrun.errors import DataError, UserError
 
-FORMAT = 1  # of preprocessing.json
+FORMAT = 2  # of preprocessing.json; 1 (before 2): unit inputs were scaled after it, by the training range
 PARQUET_SUFFIXES = (".parquet", ".pq")
-BLOCK_BYTES = 4 << 20  # of output written per block of rows: small enough to stay in cache while its columns are
 
 
-def new_array(rows: int, columns: int, dtype: torch.dtype, zeros: bool = False,
-              column_major: bool = False) -> np.ndarray:
-    """A new rows x columns array (uninitialized, or `zeros`), allocated by torch. NumPy asks the kernel for
+def new_array(rows: int, columns: int, dtype: torch.dtype) -> np.ndarray:
+    """A new, uninitialized rows x columns array, allocated by torch. NumPy asks the kernel for
     transparent huge pages for any array of 4 MB or more (madvise); where the kernel then compacts memory on
     demand to find them (THP defrag=madvise, its default), the first touch of a large array on a busy
     machine waits for that: measured here, two to three seconds of system time for the 1.3 GB of a
     million-row table. torch does not ask."""
-    new = torch.zeros if zeros else torch.empty
-    return new((columns, rows), dtype=dtype).numpy().T if column_major else new((rows, columns), dtype=dtype).numpy()
+    return torch.empty((rows, columns), dtype=dtype).numpy()
 
 
 def in_threads(work, items) -> list:
@@ -62,6 +65,53 @@ def require_file(path: str | None, name: str, knob: str, example: str) -> Path:
     if where.stat().st_size == 0:
         raise DataError(f"dataset={name}: {where.resolve()} (dataset.{knob}) is empty.", hint)
     return where
+
+
+class Columns:
+    """A table's feature columns as `load()` gives them, one array each (see the module's docstring), taken
+    from pandas without copying where they are float64 already. Only their number of rows matters to the
+    split; the preprocessing gathers a split's values column by column, so no table of them is written."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays
+        self.shape = (len(arrays[0]), len(arrays))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: np.ndarray) -> Columns:
+        return Columns([a[rows] for a in self.arrays])
+
+
+class OneHot:
+    """Compact rows (see the module's docstring) -> the network's inputs: each numeric column copied to its
+    place, a 1 at each text column's place plus its category index, zeros elsewhere. Its index tensors are
+    kept per device."""
+
+    def __init__(self, state: dict[str, Any]):
+        columns = state["columns"]
+        widths = [1 if c["kind"] == "numeric" else len(c["categories"]) for c in columns]
+        starts = np.cumsum([0, *widths[:-1]])
+        self.width = int(sum(widths))
+        numeric = [j for j, c in enumerate(columns) if c["kind"] == "numeric"]
+        text = [j for j, c in enumerate(columns) if c["kind"] == "categorical"]
+        self.indices = {name: torch.tensor(np.asarray(v, dtype=np.int64)) for name, v in (
+            ("numeric", numeric), ("numeric_at", starts[numeric]), ("text", text), ("text_at", starts[text]))}
+        self.on: dict[torch.device, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        at = self.on.get(x.device)
+        if at is None:
+            at = self.on[x.device] = {k: v.to(x.device) for k, v in self.indices.items()}
+        out = x.new_zeros((len(x), self.width))
+        if len(at["text"]):
+            codes = x[:, at["text"]].long()
+            seen = codes >= 0
+            # a value training never saw (-1) adds 0 at column 0, which changes nothing; one row's text
+            # columns have places of their own, so each 1 lands once
+            out.scatter_add_(1, torch.where(seen, codes + at["text_at"], 0), seen.to(x.dtype))
+        out[:, at["numeric_at"]] = x[:, at["numeric"]]
+        return out
 
 
 class Table(InMemoryDataModule):
@@ -99,6 +149,7 @@ class Table(InMemoryDataModule):
         self.standardize_target = standardize_target
         self.levels: dict[str, np.ndarray] = {}  # a text column's distinct values, by index, in this file
         self.target_classes: tuple[str, ...] = ()
+        self._one_hot: tuple[dict, OneHot] | None = None  # (the preprocessing it was built from, it)
 
     # --- reading ------------------------------------------------------------------------------
     def read(self, path: str | Path | None = None) -> pd.DataFrame:
@@ -158,9 +209,9 @@ class Table(InMemoryDataModule):
             self.notes["rows without a target, dropped"] = int((~keep).sum())
             x, labels = x[keep], labels[keep]
         if self.missing == "error":
-            gaps = np.isnan(x).sum(axis=0)
-            if gaps.any():
-                named = ", ".join(f"{features[j]!r} ({gaps[j]:,})" for j in np.nonzero(gaps)[0][:10])
+            gaps = [int(np.count_nonzero(np.isnan(a) if a.dtype.kind == "f" else a < 0)) for a in x.arrays]
+            if any(gaps):
+                named = ", ".join(f"{name!r} ({n:,})" for name, n in zip(features, gaps, strict=True) if n)
                 raise DataError(f"dataset={self.name}: {self.path} has missing values in the columns {named}.",
                                 "Fill them in the file, or set dataset.missing=impute (median / most frequent value).")
         given = self.preprocessing
@@ -171,28 +222,15 @@ class Table(InMemoryDataModule):
         self.task, self.target_classes = target.task, target.class_names
         return Arrays(x, target.y, class_names=target.class_names)
 
-    def _encode(self, frame: pd.DataFrame) -> np.ndarray:
-        """The feature columns of `frame` as numbers (see `_encode_column`), one column each, column-major:
-        each column is written in one contiguous run, and `fit` reads a split's values of a column from it."""
-        x = new_array(len(frame), len(self.features), torch.float64, column_major=True)
+    def _encode(self, frame: pd.DataFrame) -> Columns:
+        """The feature columns of `frame` as numbers (see `_encode_column`)."""
+        return Columns(in_threads(self._encode_column, [frame[name] for name in self.features]))
 
-        def encode(j: int) -> None:
-            x[:, j] = self._encode_column(columns[j])
-
-        columns = [frame[name] for name in self.features]
-        in_threads(encode, range(len(columns)))
-        return x
-
-    def encode_new(self, frame: pd.DataFrame, where: str) -> np.ndarray:
-        """New rows (`where`: the file they come from) encoded like the training file's, for `transform`
+    def encode_new(self, frame: pd.DataFrame, where: str) -> Columns:
+        """New rows (`where`: the files they come from) encoded like the training file's, for `transform`
         after `prepare`: every feature column must be there, numeric ones still numeric; extra columns
         (the target, ids) are ignored."""
-        columns = list(frame.columns)
-        missing = [f for f in self.features if f not in columns]
-        if missing:
-            raise DataError(f"{where} lacks the column(s) {', '.join(map(repr, missing))}, which the run was trained "
-                            f"on; it needs all of: {', '.join(self.features)}.",
-                            "Add them (an empty value is filled as in training); names are case-sensitive.")
+        self.require_features(frame, where)
         kinds = {c["name"]: c["kind"] for c in self.preprocessing["columns"]}
         frame = frame.copy()
         for name in self.features:  # a text column read as numbers (or as all empty) still matches by its text
@@ -205,9 +243,19 @@ class Table(InMemoryDataModule):
                             "training.", "Give numbers there (an empty value is filled as in training).")
         return x
 
+    def require_features(self, frame: pd.DataFrame, where: str) -> None:
+        """A DataError naming the feature columns `frame` (read from `where`) lacks, if any."""
+        missing = [f for f in self.features if f not in frame.columns]
+        if missing:
+            raise DataError(f"{where} lacks the column(s) {', '.join(map(repr, missing))}, which the run was trained "
+                            f"on; it needs all of: {', '.join(self.features)}.",
+                            "Add them (an empty value is filled as in training); names are case-sensitive.")
+
     def _encode_column(self, column: pd.Series) -> np.ndarray:
-        """One column as numbers (NaN: missing): numeric and boolean as they are, text as value indices."""
+        """One column as numbers: numeric and boolean as float64 (NaN: missing), text as value indices (-1)."""
         dtype = column.dtype
+        if dtype == np.float64:
+            return column.to_numpy()  # pandas' own array (read only): not copied
         if pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_numeric_dtype(dtype):
             return column.to_numpy(dtype=np.float64, na_value=np.nan)
         if pd.api.types.is_object_dtype(dtype) or pd.api.types.is_string_dtype(dtype) or isinstance(dtype, pd.CategoricalDtype):
@@ -217,36 +265,81 @@ class Table(InMemoryDataModule):
                 codes = None
             if codes is not None:
                 self.levels[column.name] = np.asarray([str(v) for v in levels], dtype=object)
-                return np.where(codes < 0, np.nan, codes.astype(np.float64))
+                return codes
         raise DataError(f"dataset={self.name}: the column {column.name!r} of {self.path} holds {dtype} values, which "
                         "dlrun cannot encode (numbers, booleans and text are encoded).",
                         "Leave it out with dataset.features=[...], or convert it in the file (e.g. a date to a number).")
 
     # --- the fitted preprocessing --------------------------------------------------------------
+    # Column by column, on threads: a column of a split is gathered once (contiguous: `_encode`'s table is
+    # column-major), fitted on (the training split) and written, transformed, as one row of a column-major
+    # float32 buffer, which one transposing copy turns into the split's compact rows.
     def fit_transform(self, x: Rows, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.preprocessing is None:
-            self.preprocessing = self.fit(x, y)
-        return self.transform(x, y)
-
-    def fit(self, x: Rows, y: np.ndarray) -> dict[str, Any]:
-        """The preprocessing's state, from the training split `x`, `y` only."""
+        if self.preprocessing is not None:
+            return self.transform(x, y)
+        out = new_array(len(self.features), len(x), torch.float32)
 
         def fit_column(j: int) -> dict[str, Any]:
-            # the split's values of column j, contiguous (`_encode`'s column-major table holds a column in one run)
-            column = x.array[:, j]
-            name, values = self.features[j], np.ascontiguousarray(column) if x.index is None else column[x.index]
-            present = values[~np.isnan(values)]
-            if len(present) == 0:
-                raise DataError(f"dataset={self.name}: the column {name!r} has no value in the training split, so "
-                                "there is nothing to fill its missing values with.",
-                                "Leave it out with dataset.features=[...].")
-            if name not in self.levels:
-                fill = float(np.median(present, overwrite_input=True))  # `present` is this column's own copy
-                filled = np.where(np.isnan(values), fill, values)
-                mean, std = (float(filled.mean()), float(filled.std())) if self.standardize else (0.0, 1.0)
-                return {"name": name, "kind": "numeric", "fill": fill, "mean": mean, "std": std if std > 1e-12 else 1.0}
+            values = self._gather(x, j)
+            state = self._fit_column(self.features[j], values)
+            self._write_column(state, values, out[j])
+            return state
+
+        state: dict[str, Any] = {"format": FORMAT, "task": self.task, "target": self.target,
+                                 "class_names": list(self.target_classes), "columns": in_threads(fit_column, range(len(out)))}
+        if self.task == "regression":
+            mean, std = (float(y.mean()), float(y.std())) if self.standardize_target else (0.0, 1.0)
+            state.update(target_mean=mean, target_std=std if std > 1e-12 else 1.0)
+        self.preprocessing = state
+        return _rows(out), self._target(state, y)
+
+    def transform(self, x: Rows, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        state = self.preprocessing
+        try:
+            columns = state["columns"]
+            if [c["name"] for c in columns] != self.features:
+                raise ValueError(f"it was fitted on the columns {[c['name'] for c in columns]}, not {self.features}")
+            if self.unit_inputs and state.get("format") != FORMAT:
+                raise ValueError(f"it is of format {state.get('format')}, whose unit inputs this dlrun would not "
+                                 "scale as they were trained")
+            out = new_array(len(columns), len(x), torch.float32)
+            in_threads(lambda j: self._write_column(columns[j], self._gather(x, j), out[j]), range(len(columns)))
+            return _rows(out), self._target(state, y)
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise DataError(f"dataset={self.name}: the run's preprocessing.json does not fit {self.path} "
+                            f"({type(err).__name__}: {err}).", "Evaluate on the data the run was trained on, with its "
+                            "config; or train the run again.") from err
+
+    def _scaling(self) -> None:
+        """None: the preprocessing scales the numeric columns (to [0, 1] for unit inputs), and one-hot
+        columns are 0/1 already."""
+        return None
+
+    @property
+    def widen(self) -> OneHot | None:
+        """The fitted (or given) preprocessing's OneHot, built once per preprocessing."""
+        if self.preprocessing is None:
+            return None
+        if self._one_hot is None or self._one_hot[0] is not self.preprocessing:
+            self._one_hot = (self.preprocessing, OneHot(self.preprocessing))
+        return self._one_hot[1]
+
+    @staticmethod
+    def _gather(x: Rows, j: int) -> np.ndarray:
+        """The split's values of column j, as its own copy."""
+        column = x.array.arrays[j]
+        return np.array(column) if x.index is None else column[x.index]
+
+    def _fit_column(self, name: str, values: np.ndarray) -> dict[str, Any]:
+        """Column `name`'s state from its training values."""
+        present = values[values >= 0] if name in self.levels else values[~np.isnan(values)]
+        n, missing = len(present), len(values) - len(present)
+        if n == 0:
+            raise DataError(f"dataset={self.name}: the column {name!r} has no value in the training split, so "
+                            "there is nothing to fill its missing values with.", "Leave it out with dataset.features=[...].")
+        if name in self.levels:
             levels = self.levels[name]
-            counts = np.bincount(present.astype(np.int64), minlength=len(levels))
+            counts = np.bincount(present, minlength=len(levels))
             seen = np.nonzero(counts)[0]
             if len(seen) > self.max_categories:
                 raise DataError(f"dataset={self.name}: the text column {name!r} has {len(seen):,} distinct values in the "
@@ -255,66 +348,40 @@ class Table(InMemoryDataModule):
                                 f"dataset.max_categories (to at least {len(seen)}) if each value means something.")
             return {"name": name, "kind": "categorical", "fill": str(levels[int(np.argmax(counts))]),
                     "categories": sorted(str(v) for v in levels[seen])}
+        middle = (n - 1) // 2
+        present.partition(middle)  # one k: numpy's partition is several times slower given two
+        fill = float(present[middle] if n % 2 else (present[middle] + present[middle + 1:].min()) / 2)
+        if self.unit_inputs:  # to [0, 1]; the median fill lies between
+            mean, std = float(present.min()), float(present.max() - present.min())
+        elif self.standardize:  # of the filled values: the present ones and `missing` times the fill
+            mean = (float(present.sum()) + missing * fill) / len(values)
+            deviations = present - mean
+            std = float(np.sqrt((float(np.einsum("i,i", deviations, deviations)) + missing * (fill - mean) ** 2) / len(values)))
+        else:
+            mean, std = 0.0, 1.0
+        return {"name": name, "kind": "numeric", "fill": fill, "mean": mean, "std": std if std > 1e-12 else 1.0}
 
-        columns = in_threads(fit_column, range(len(self.features)))
-        state: dict[str, Any] = {"format": FORMAT, "task": self.task, "target": self.target,
-                                 "class_names": list(self.target_classes), "columns": columns}
-        if self.task == "regression":
-            mean, std = (float(y.mean()), float(y.std())) if self.standardize_target else (0.0, 1.0)
-            state.update(target_mean=mean, target_std=std if std > 1e-12 else 1.0)
-        return state
+    def _write_column(self, column: dict[str, Any], values: np.ndarray, out: np.ndarray) -> None:
+        """`values` (a split's, from `_gather`) transformed by the column's state into `out`: a numeric value
+        filled and scaled, a text value's index among the column's categories (-1: never seen in training)."""
+        if column["kind"] == "numeric":
+            np.copyto(values, float(column["fill"]), where=np.isnan(values))
+            values -= float(column["mean"])
+            np.divide(values, float(column["std"]), out=out, casting="same_kind")  # float32, as it is written
+            return
+        position = {str(c): k for k, c in enumerate(column["categories"])}
+        levels = self.levels[column["name"]]
+        # this file's value index -> category index; the extra last entry, for a missing value, the fill's
+        lookup = np.array([position.get(v, -1) for v in levels] + [position.get(column["fill"], -1)], dtype=np.float32)
+        np.take(lookup, values, out=out)  # a missing value's index, -1, takes the last entry
 
-    def transform(self, x: Rows, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        state = self.preprocessing
-        try:
-            return self._apply(state, x, y)
-        except (KeyError, TypeError, ValueError, IndexError) as err:
-            raise DataError(f"dataset={self.name}: the run's preprocessing.json does not fit {self.path} "
-                            f"({type(err).__name__}: {err}).", "Evaluate on the data the run was trained on, with its "
-                            "config; or train the run again.") from err
-
-    def _apply(self, state: dict[str, Any], x: Rows, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        columns = state["columns"]
-        if [c["name"] for c in columns] != self.features:
-            raise ValueError(f"it was fitted on the columns {[c['name'] for c in columns]}, not {self.features}")
-        widths = [1 if c["kind"] == "numeric" else len(c["categories"]) for c in columns]
-        starts = np.cumsum([0, *widths[:-1]])
-        out = new_array(len(x), sum(widths), torch.float32, zeros=True)  # the one-hot blocks need only their ones
-        numeric = [j for j, c in enumerate(columns) if c["kind"] == "numeric"]
-        fill, mean, std = (np.array([float(columns[j][k]) for j in numeric]) for k in ("fill", "mean", "std"))
-        categorical = [j for j, c in enumerate(columns) if c["kind"] == "categorical"]
-        # per text column, this file's value index -> column of `out` (-1: a value never seen in training,
-        # all zeros), its last entry for a missing value (the fill's); all of them end to end in `lookup`
-        lookups = []
-        for j in categorical:
-            position = {str(c): starts[j] + k for k, c in enumerate(columns[j]["categories"])}
-            levels = self.levels[columns[j]["name"]]
-            lookups.append(np.array([position.get(v, -1) for v in levels] + [position.get(columns[j]["fill"], -1)]))
-        lookup = np.concatenate([*lookups, np.zeros(0, dtype=np.int64)]).astype(np.int64)
-        first = np.cumsum([0, *map(len, lookups)])[:-1]  # where each column's lookup begins in `lookup`
-        missing_code = np.array([len(table) - 1 for table in lookups], dtype=np.float64)
-        rows = max(1, BLOCK_BYTES // max(1, out[:1].nbytes))
-
-        def block(start: int) -> None:
-            # rows start..stop written straight into `out`, column by column while they are in cache; the same
-            # arithmetic, element by element, as the whole split at once, so the values do not depend on blocks
-            stop = min(len(x), start + rows)
-            # these rows of `load()`'s inputs (the split itself is never copied whole)
-            encoded = x.array[start:stop] if x.index is None else x.array[x.index[start:stop]]
-            if numeric:
-                values = encoded[:, numeric]
-                np.copyto(values, np.broadcast_to(fill, values.shape), where=np.isnan(values))
-                values -= mean
-                values /= std
-                out[start:stop, starts[numeric]] = values
-            if categorical:
-                codes = encoded[:, categorical]
-                np.copyto(codes, np.broadcast_to(missing_code, codes.shape), where=np.isnan(codes))
-                hot = lookup[codes.astype(np.int64) + first]  # (rows, text columns): a column of `out`, or -1
-                flat = hot + np.arange(start, stop)[:, None] * out.shape[1]  # positions in out's flat buffer
-                out.reshape(-1)[flat[hot >= 0]] = 1.0
-
-        in_threads(block, range(0, len(x), rows))
+    @staticmethod
+    def _target(state: dict[str, Any], y: np.ndarray) -> np.ndarray:
         if state["task"] == "regression":
-            y = (y - float(state["target_mean"])) / float(state["target_std"])
-        return out, y
+            return (y - float(state["target_mean"])) / float(state["target_std"])
+        return y
+
+
+def _rows(columns: np.ndarray) -> np.ndarray:
+    """A column-major buffer (one row per column) as rows: one transposing copy, by torch on every core."""
+    return torch.from_numpy(columns).T.contiguous().numpy()

@@ -24,9 +24,12 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from dlrun.config import validate
 from dlrun.console import console
@@ -74,8 +77,10 @@ def _existing(path: str | Path) -> Path:
 
 
 # --- reading inputs as the run's data set reads its own ----------------------------------------------
-def read_inputs(datamodule, paths: list[Path]) -> tuple[list[str], np.ndarray]:
+def read_inputs(datamodule, paths: list[Path]) -> tuple[list[str], Any]:
     """(an id per input, the inputs as the data module's `load()` gives them) from `paths`."""
+    import pandas as pd
+
     from dlrun.data.image_folder import ImageFolder
     from dlrun.data.table import Table
 
@@ -98,7 +103,10 @@ def read_inputs(datamodule, paths: list[Path]) -> tuple[list[str], np.ndarray]:
         parts = [([i if i == path.name else f"{path.name}/{i}" for i in part_ids], x)
                  for path, (part_ids, x) in zip(paths, parts, strict=True)]
     ids = [i for part_ids, _ in parts for i in part_ids]
-    return ids, np.concatenate([x for _, x in parts])
+    inputs = [x for _, x in parts]
+    if wanted == "table":  # encoded together: a text column's value indices are over all the files' values
+        return ids, datamodule.encode_new(pd.concat(inputs, ignore_index=True), ", ".join(map(str, paths)))
+    return ids, np.concatenate(inputs)
 
 
 def _kind(path: Path) -> str | None:
@@ -110,9 +118,10 @@ def _kind(path: Path) -> str | None:
     return "table" if suffix in TABLE_SUFFIXES else "npz" if suffix == ".npz" else None
 
 
-def _read_table(table, path: Path) -> tuple[list[str], np.ndarray]:
+def _read_table(table, path: Path) -> tuple[list[str], pd.DataFrame]:
     frame = table.read(path)
-    return [str(i) for i in range(len(frame))], table.encode_new(frame, str(path))
+    table.require_features(frame, str(path))
+    return [str(i) for i in range(len(frame))], frame
 
 
 def _read_npz(datamodule, path: Path) -> tuple[list[str], np.ndarray]:

@@ -65,6 +65,18 @@ def test_csv_runs_predict_on_new_rows_as_in_training(run_dlrun, tmp_path, capsys
     assert set(predicted["predicted"]) <= set(classes)
     if target == "churned":
         return
+    # several tables at once: each row predicted as on its own, though each file holds other cities
+    by_city = {city: frame[frame["city"] == city].head(5) for city in ("Paris", "Lyon")}
+    alone = {}
+    for city, rows in by_city.items():
+        rows.to_csv(tmp_path / f"{city}.csv", index=False)
+        assert predict(capsys, run_dir, f"{city}.csv", "--out", tmp_path / f"{city}_out.csv")[0] == 0
+        alone[city] = pd.read_csv(tmp_path / f"{city}_out.csv", dtype={"predicted": str})
+    assert predict(capsys, run_dir, "Paris.csv", "Lyon.csv", "--out", tmp_path / "both.csv")[0] == 0
+    both = pd.read_csv(tmp_path / "both.csv", dtype={"predicted": str})
+    expected = pd.concat([alone["Paris"], alone["Lyon"]], ignore_index=True)
+    assert both["id"].tolist() == [f"{c}.csv/{i}" for c in ("Paris", "Lyon") for i in range(5)]
+    assert np.allclose(both[probabilities].to_numpy(), expected[probabilities].to_numpy(), atol=1e-6)
     # inputs that do not fit: each named in a panel, exit 2
     new.drop(columns=["age", "city"]).to_csv(tmp_path / "partial.csv", index=False)
     assert "'age', 'city'" in refused(capsys, run_dir, "partial.csv")

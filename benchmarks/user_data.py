@@ -8,8 +8,10 @@ columns of 4-31 values with missing ones, a binary text target) is read by `pand
 by dlrun's `dataset=csv` (read, encode, split, fit on the training split, transform, tensors), in
 `--repeats` pairs back to back, so that a busy machine slows both of a pair alike; reported: the median
 ratio of the pairs and its range, each side's median wall and CPU (user + system, all threads) seconds,
-and the load average. `--table FILE` times a table written before (by `make_table`) instead of writing
-one (a million rows take minutes to write). Target: dlrun <= 1.5x read_csv.
+and the load average; then one more dlrun call timed stage by stage (read, encode the columns, split,
+fit and transform the training split, transform validation and test, the rest). `--table FILE` times a
+table written before (by `make_table`) instead of writing one (a million rows take minutes to write).
+Target: dlrun <= 1.5x read_csv.
 
 Images: `--images` generated 64x64 JPEGs in 10 class folders (`--images-dir` keeps them for later runs).
 dlrun's `dataset=image_folder` decodes them once into its memory-mapped cache, then trains on the streamed
@@ -112,6 +114,7 @@ def bench_csv(rows: int, repeats: int, tmp: Path, table: Path | None = None) -> 
         features.append(Table(path=str(path), target="target", name="csv").prepare().input_shape[0])
 
     pairs = [(timed(lambda: pd.read_csv(path)), timed(dlrun_csv)) for _ in range(repeats)]
+    stages = csv_stages(path)
     ratios = [dl[0] / pandas[0] for pandas, dl in pairs]
     median = lambda values: float(np.median(values))  # noqa: E731
     return {"rows": rows, "columns": 50, "features": features[0], "megabytes": round(path.stat().st_size / 1e6),
@@ -121,7 +124,31 @@ def bench_csv(rows: int, repeats: int, tmp: Path, table: Path | None = None) -> 
             "pandas_read_csv_cpu_s": round(median([p[1] for p, _ in pairs]), 3),
             "dlrun_load_preprocess_cpu_s": round(median([d[1] for _, d in pairs]), 3),
             "ratio": round(median(ratios), 2), "ratio_range": [round(min(ratios), 2), round(max(ratios), 2)],
-            "pairs_s": [[round(p[0], 2), round(d[0], 2)] for p, d in pairs]}
+            "pairs_s": [[round(p[0], 2), round(d[0], 2)] for p, d in pairs], "stages": stages}
+
+
+def csv_stages(path: Path) -> dict:
+    """{stage: [wall, CPU] seconds} of one `dataset=csv` prepare: its methods timed on this instance."""
+    from dlrun.data.table import Table
+
+    dm = Table(path=str(path), target="target", name="csv")
+    spent: dict[str, list[float]] = {}
+
+    def timing(call, stage: str):
+        def timed_call(*args):
+            result = []
+            wall, cpu = timed(lambda: result.append(call(*args)))
+            spent[stage] = [a + b for a, b in zip(spent.get(stage, [0.0, 0.0]), (wall, cpu), strict=True)]
+            return result[0]
+        return timed_call
+
+    for method, stage in (("read", "read"), ("_encode", "encode columns"), ("_split", "split"),
+                          ("fit_transform", "fit + transform train"), ("transform", "transform val, test")):
+        setattr(dm, method, timing(getattr(dm, method), stage))
+    total = timed(dm.prepare)
+    spent["rest (target, tensors, path, spec)"] = [t - sum(s[k] for s in spent.values()) for k, t in enumerate(total)]
+    spent["total"] = list(total)
+    return {stage: [round(wall, 3), round(cpu, 3)] for stage, (wall, cpu) in spent.items()}
 
 
 def make_images(root: Path, count: int, classes: int = 10, seed: int = 0) -> None:
@@ -385,6 +412,8 @@ def show(results: dict) -> None:
         table.add_row("  CPU seconds, all threads", f"{c['dlrun_load_preprocess_cpu_s']:.2f} s",
                       f"{c['pandas_read_csv_cpu_s']:.2f} s",
                       f"{c['dlrun_load_preprocess_cpu_s'] / c['pandas_read_csv_cpu_s']:.2f}x", "")
+        for stage, (wall, cpu) in c["stages"].items():
+            table.add_row(f"  one more dlrun call: {stage} (wall / CPU)", f"{wall:.2f} / {cpu:.2f} s", "", "", "")
     if "images" in results:
         i = results["images"]
         label = (f"{i['train_images']:,} of {i['images']:,} JPEGs, {i['workers']} workers, {i['model']}: "

@@ -35,3 +35,20 @@ def test_benchmark_prints_the_table_and_writes_the_same_numbers(tmp_path):
     assert "dlrun / plain" in proc.stdout and f"{mlp['plain_samples_per_s']:,.0f}" in proc.stdout
     low, high = mlp["ratio_vs_plain_range"]
     assert f"{mlp['ratio_vs_plain']:.2f} ({low:.2f}-{high:.2f})" in proc.stdout
+
+
+def test_the_csv_benchmark_times_each_stage_of_the_same_preparation(tmp_path):
+    out = tmp_path / "csv.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/user_data.py", "--only", "csv", "--rows", "3000", "--repeats", "2", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    csv = json.loads(out.read_text())["csv"]
+    assert csv["rows"] == 3000 and csv["features"] == 215 and len(csv["pairs_s"]) == 2
+    stages = csv["stages"]
+    assert list(stages) == ["read", "encode columns", "split", "fit + transform train", "transform val, test",
+                            "rest (target, tensors, path, spec)", "total"]
+    assert stages["read"][0] > 0 and stages["fit + transform train"][0] > 0
+    assert sum(wall for stage, (wall, _) in stages.items() if stage != "total") == pytest.approx(stages["total"][0], abs=0.05)
+    assert "fit + transform train" in proc.stdout

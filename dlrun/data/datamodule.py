@@ -215,7 +215,8 @@ class InMemoryDataModule(pl.LightningDataModule):
     #: [0, 1] already, other inputs are scaled with the training split's range, per feature (per channel)
     value_range: ClassVar[tuple[float, float] | None] = None
     #: a data set that stores its inputs narrower than the network takes them (a table's text column as one
-    #: code instead of one 0/1 feature per value) widens each batch with this, where the batch is (the device)
+    #: code instead of one 0/1 feature per value) widens each batch with this, where the batch is drawn; it
+    #: scales its inputs itself (the normalization here would apply to the stored rows)
     widen: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __init__(

@@ -12,8 +12,8 @@ JSON (`self.preprocessing`), saved as the run's `preprocessing.json` and applied
 
 The splits are held compact, one float32 per column: a numeric column's transformed value, a text
 column's index among its training categories (-1: a value training never saw). `OneHot` widens each
-batch where it is drawn (on the training device), so a text column of 30 values costs 4 bytes a row in
-memory instead of 120, and the wide table is never written.
+batch where it is drawn (on the training device, or in a streaming loader's workers), so a text column
+of 30 values costs 4 bytes a row in memory instead of 120, and the wide table is never written.
 """
 
 from __future__ import annotations

@@ -165,6 +165,25 @@ def test_a_table_is_held_compact_and_scaled_to_unit_range_for_an_autoencoder(dat
     assert age["std"] > 0 and frame["age"].min() <= age["mean"] <= frame["age"].max()
 
 
+def test_a_saved_preprocessing_of_format_1_is_applied_but_not_to_unit_inputs(datamodule, tmp_path):
+    """Format 1 (before unit inputs were scaled inside it) still transforms a classifier's data as saved; an
+    autoencoder's would now be scaled otherwise than it was trained, so it is refused, naming the file's format."""
+    write_table(tmp_path / "houses.csv")
+    args = (f"dataset.path={tmp_path / 'houses.csv'}", "dataset.target=churned")
+    fitted = datamodule("csv", *args)
+    fitted.prepare()
+    old = {**fitted.preprocessing, "format": 1}
+    again = datamodule("csv", *args)
+    again.use_preprocessing(old)
+    again.prepare()
+    assert torch.equal(network_inputs(again, "test"), network_inputs(fitted, "test"))
+    autoencoder = datamodule("csv", *args)
+    autoencoder.unit_inputs = True
+    autoencoder.use_preprocessing(old)
+    with pytest.raises(DataError, match="format 1"):
+        autoencoder.prepare()
+
+
 def test_a_streamed_table_gives_the_batches_it_gives_in_memory(datamodule, tmp_path):
     """Both paths widen the same compact rows: the same batches, in the same order, to the bit."""
     write_table(tmp_path / "houses.csv")

@@ -40,13 +40,13 @@ def new_array(rows: int, columns: int, dtype: torch.dtype) -> np.ndarray:
     transparent huge pages for any array of 4 MB or more (madvise); where the kernel then compacts memory on
     demand to find them (THP defrag=madvise, its default), the first touch of a large array on a busy
     machine waits for that: measured here, two to three seconds of system time for the 1.3 GB of a
-    million-row table. torch does not ask."""
+    million-row table's outputs. torch does not ask."""
     return torch.empty((rows, columns), dtype=dtype).numpy()
 
 
 def in_threads(work, items) -> list:
     """`[work(item) for item in items]` on a few threads: numpy and pandas release the GIL in the long
-    loops (copies, arithmetic, sorting, hashing), so columns and blocks of rows proceed in parallel.
+    loops (copies, arithmetic, sorting, hashing), so columns proceed in parallel.
     The first item (in order) to raise raises, as in the plain loop."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         return list(pool.map(work, items))

@@ -271,27 +271,19 @@ class Table(InMemoryDataModule):
                         "Leave it out with dataset.features=[...], or convert it in the file (e.g. a date to a number).")
 
     # --- the fitted preprocessing --------------------------------------------------------------
-    # Column by column, on threads: a column of a split is gathered once (contiguous: `_encode`'s table is
-    # column-major), fitted on (the training split) and written, transformed, as one row of a column-major
-    # float32 buffer, which one transposing copy turns into the split's compact rows.
+    # Column by column, on threads (`_transformed`): a split's values of a column are gathered once from its
+    # array in `Columns`, fitted on (the training split) and written transformed.
     def fit_transform(self, x: Rows, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.preprocessing is not None:
             return self.transform(x, y)
-        out = new_array(len(self.features), len(x), torch.float32)
-
-        def fit_column(j: int) -> dict[str, Any]:
-            values = self._gather(x, j)
-            state = self._fit_column(self.features[j], values)
-            self._write_column(state, values, out[j])
-            return state
-
+        columns, rows = self._transformed(x, lambda j, values: self._fit_column(self.features[j], values))
         state: dict[str, Any] = {"format": FORMAT, "task": self.task, "target": self.target,
-                                 "class_names": list(self.target_classes), "columns": in_threads(fit_column, range(len(out)))}
+                                 "class_names": list(self.target_classes), "columns": columns}
         if self.task == "regression":
             mean, std = (float(y.mean()), float(y.std())) if self.standardize_target else (0.0, 1.0)
             state.update(target_mean=mean, target_std=std if std > 1e-12 else 1.0)
         self.preprocessing = state
-        return _rows(out), self._target(state, y)
+        return rows, self._target(state, y)
 
     def transform(self, x: Rows, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         state = self.preprocessing
@@ -302,9 +294,8 @@ class Table(InMemoryDataModule):
             if self.unit_inputs and state.get("format") != FORMAT:
                 raise ValueError(f"it is of format {state.get('format')}, whose unit inputs this dlrun would not "
                                  "scale as they were trained")
-            out = new_array(len(columns), len(x), torch.float32)
-            in_threads(lambda j: self._write_column(columns[j], self._gather(x, j), out[j]), range(len(columns)))
-            return _rows(out), self._target(state, y)
+            _, rows = self._transformed(x, lambda j, _values: columns[j])
+            return rows, self._target(state, y)
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise DataError(f"dataset={self.name}: the run's preprocessing.json does not fit {self.path} "
                             f"({type(err).__name__}: {err}).", "Evaluate on the data the run was trained on, with its "
@@ -324,6 +315,20 @@ class Table(InMemoryDataModule):
             self._one_hot = (self.preprocessing, OneHot(self.preprocessing))
         return self._one_hot[1]
 
+    def _transformed(self, x: Rows, column_state) -> tuple[list[dict[str, Any]], np.ndarray]:
+        """(each column's state, the split's compact rows): on threads, column j's values are gathered once,
+        given to `column_state(j, values)` (the fitted state, or the saved one) and written transformed by it
+        into a column-major buffer, which one transposing copy turns into rows."""
+        out = new_array(len(self.features), len(x), torch.float32)
+
+        def one(j: int) -> dict[str, Any]:
+            values = self._gather(x, j)
+            column = column_state(j, values)
+            self._write_column(column, values, out[j])
+            return column
+
+        return in_threads(one, range(len(out))), _rows(out)
+
     @staticmethod
     def _gather(x: Rows, j: int) -> np.ndarray:
         """The split's values of column j, as its own copy."""
@@ -332,12 +337,13 @@ class Table(InMemoryDataModule):
 
     def _fit_column(self, name: str, values: np.ndarray) -> dict[str, Any]:
         """Column `name`'s state from its training values."""
-        present = values[values >= 0] if name in self.levels else values[~np.isnan(values)]
+        text = name in self.levels
+        present = values[values >= 0] if text else values[~np.isnan(values)]
         n, missing = len(present), len(values) - len(present)
         if n == 0:
             raise DataError(f"dataset={self.name}: the column {name!r} has no value in the training split, so "
                             "there is nothing to fill its missing values with.", "Leave it out with dataset.features=[...].")
-        if name in self.levels:
+        if text:
             levels = self.levels[name]
             counts = np.bincount(present, minlength=len(levels))
             seen = np.nonzero(counts)[0]

@@ -47,8 +47,9 @@ def test_the_csv_benchmark_times_each_stage_of_the_same_preparation(tmp_path):
     csv = json.loads(out.read_text())["csv"]
     assert csv["rows"] == 3000 and csv["features"] == 215 and len(csv["pairs_s"]) == 2
     stages = csv["stages"]
-    assert list(stages) == ["read", "encode columns", "split", "fit + transform train", "transform val, test",
-                            "rest (target, tensors, path, spec)", "total"]
-    assert stages["read"][0] > 0 and stages["fit + transform train"][0] > 0
+    assert list(stages) == ["read", "load after the read (target; columns start encoding)",
+                            "split (columns encoding meanwhile)", "preprocess (fit on train, transform every split)",
+                            "rest (tensors, batching path, spec)", "total"]
+    assert stages["read"][0] > 0 and stages["preprocess (fit on train, transform every split)"][0] > 0
     assert sum(wall for stage, (wall, _) in stages.items() if stage != "total") == pytest.approx(stages["total"][0], abs=0.05)
-    assert "fit + transform train" in proc.stdout
+    assert "preprocess (fit on train, transform every split)" in proc.stdout

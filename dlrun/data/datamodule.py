@@ -45,7 +45,7 @@ class Arrays:
     alone, only the test split is cut from `x`.
     """
 
-    x: np.ndarray  # or rows of the data set's own kind that its fit_transform reads (a table's `Columns`)
+    x: np.ndarray  # or rows of the data set's own kind that its preprocess reads (a table's `Columns`)
     y: np.ndarray
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
@@ -269,15 +269,14 @@ class InMemoryDataModule(pl.LightningDataModule):
     def load(self) -> Arrays:
         raise NotImplementedError
 
-    def fit_transform(self, x: Rows, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def preprocess(self, splits: dict[str, tuple[Rows, np.ndarray]]) -> dict[str, tuple[Rows, np.ndarray]]:
         """Fit the data set's own preprocessing on the training split (into `self.preprocessing`, unless
-        one was given) and apply it to that split. `x` is the split's rows of `load()`'s inputs, not yet
-        copied out (a preprocessing reading them a block at a time needs no copy of the split). The
-        default has none."""
-        return x.whole(), y
+        one was given) and apply it to every split; `splits` is `_split`'s, the training split first, each
+        the rows of `load()`'s inputs, not yet copied out. The default has none."""
+        return splits
 
     def transform(self, x: Rows, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Apply the preprocessing of `fit_transform` to a validation or test split (or new inputs)."""
+        """Apply the preprocessing of `preprocess` to new inputs (dlrun-predict's)."""
         return x.whole(), y
 
     def make_spec(self, x_train: torch.Tensor, arrays: Arrays) -> DataSpec:
@@ -299,11 +298,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         if self.spec is not None:
             return self.spec
         arrays = self.load()
-        host = self._split(arrays)
-        if type(self).fit_transform is not InMemoryDataModule.fit_transform:  # fitted on train, applied to each split
-            train = self.fit_transform(*host.pop("train"))
-            fitted = {"train": train, **{k: self.transform(x, y) for k, (x, y) in host.items()}}
-            host = {k: (Rows(x), np.asarray(y)) for k, (x, y) in fitted.items()}
+        host = self.preprocess(self._split(arrays))
         self.data_path = self._choose_path(host)
         fit_scaling = self._scaling()
         if self.data_path["mode"] == "streamed":

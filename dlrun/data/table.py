@@ -19,7 +19,7 @@ of 30 values costs 4 bytes a row in memory instead of 120, and the wide table is
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +44,16 @@ def new_array(rows: int, columns: int, dtype: torch.dtype) -> np.ndarray:
     return torch.empty((rows, columns), dtype=dtype).numpy()
 
 
+def threads() -> ThreadPoolExecutor:
+    """A few threads for work column by column: numpy and pandas release the GIL in the long loops
+    (copies, arithmetic, sorting, hashing), so columns proceed in parallel."""
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+
+
 def in_threads(work, items) -> list:
-    """`[work(item) for item in items]` on a few threads: numpy and pandas release the GIL in the long
-    loops (copies, arithmetic, sorting, hashing), so columns proceed in parallel.
-    The first item (in order) to raise raises, as in the plain loop."""
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    """`[work(item) for item in items]` on `threads()`. The first item (in order) to raise raises, as in
+    the plain loop."""
+    with threads() as pool:
         return list(pool.map(work, items))
 
 
@@ -70,17 +75,36 @@ def require_file(path: str | None, name: str, knob: str, example: str) -> Path:
 class Columns:
     """A table's feature columns as `load()` gives them, one array each (see the module's docstring), taken
     from pandas without copying where they are float64 already. Only their number of rows matters to the
-    split; the preprocessing gathers a split's values column by column, so no table of them is written."""
+    split, so `load()` hands them over while they are still being encoded on threads of their own (the
+    split is drawn meanwhile): `column(j)` waits for column j. The preprocessing gathers a split's values
+    column by column, so no table of them is written."""
 
-    def __init__(self, arrays: list[np.ndarray]):
-        self.arrays = arrays
-        self.shape = (len(arrays[0]), len(arrays))
+    def __init__(self, columns: list[Future | np.ndarray], rows: int):
+        self._columns = columns
+        self.shape = (rows, len(columns))
+
+    def column(self, j: int) -> np.ndarray:
+        """Column j, encoded (an error encoding it raises here)."""
+        if isinstance(self._columns[j], Future):
+            self._columns[j] = self._columns[j].result()
+        return self._columns[j]
+
+    @property
+    def arrays(self) -> list[np.ndarray]:
+        return [self.column(j) for j in range(self.shape[1])]
+
+    def encoded(self) -> Columns:
+        """These columns, each encoded (the first error encoding one raises here)."""
+        for j in range(self.shape[1]):
+            self.column(j)
+        return self
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, rows: np.ndarray) -> Columns:
-        return Columns([a[rows] for a in self.arrays])
+        arrays = [a[rows] for a in self.arrays]
+        return Columns(arrays, len(arrays[0]))
 
 
 class OneHot:
@@ -223,8 +247,11 @@ class Table(InMemoryDataModule):
         return Arrays(x, target.y, class_names=target.class_names)
 
     def _encode(self, frame: pd.DataFrame) -> Columns:
-        """The feature columns of `frame` as numbers (see `_encode_column`)."""
-        return Columns(in_threads(self._encode_column, [frame[name] for name in self.features]))
+        """The feature columns of `frame` as numbers (see `_encode_column`), being encoded on threads."""
+        pool = threads()
+        encoding = [pool.submit(self._encode_column, frame[name]) for name in self.features]
+        pool.shutdown(wait=False)  # its threads finish the columns, then end
+        return Columns(encoding, len(frame))
 
     def encode_new(self, frame: pd.DataFrame, where: str) -> Columns:
         """New rows (`where`: the files they come from) encoded like the training file's, for `transform`
@@ -236,7 +263,7 @@ class Table(InMemoryDataModule):
         for name in self.features:  # a text column read as numbers (or as all empty) still matches by its text
             if kinds[name] == "categorical":
                 frame[name] = frame[name].astype(object).where(frame[name].isna(), frame[name].astype(str))
-        x = self._encode(frame)
+        x = self._encode(frame).encoded()  # all of them: `self.levels` complete
         now_text = sorted(name for name in self.levels if kinds.get(name) == "numeric")
         if now_text:
             raise DataError(f"{where}: the column(s) {', '.join(map(repr, now_text))} hold text, but were numbers in "
@@ -271,21 +298,27 @@ class Table(InMemoryDataModule):
                         "Leave it out with dataset.features=[...], or convert it in the file (e.g. a date to a number).")
 
     # --- the fitted preprocessing --------------------------------------------------------------
-    # Column by column, on threads (`_transformed`): a split's values of a column are gathered once from its
-    # array in `Columns`, fitted on (the training split) and written transformed.
-    def fit_transform(self, x: Rows, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # Column by column, on threads (`_transformed`): each split's values of a column are gathered once from
+    # its array in `Columns`, fitted on (the training split's) and written transformed.
+    def preprocess(self, splits: dict[str, tuple[Rows, np.ndarray]]) -> dict[str, tuple[Rows, np.ndarray]]:
         if self.preprocessing is not None:
-            return self.transform(x, y)
-        columns, rows = self._transformed(x, lambda j, values: self._fit_column(self.features[j], values))
+            return {part: (Rows(x), y) for part, (x, y) in self._apply(splits).items()}
+        columns, out = self._transformed({part: rows for part, (rows, _) in splits.items()},
+                                         lambda j, values: self._fit_column(self.features[j], values))
         state: dict[str, Any] = {"format": FORMAT, "task": self.task, "target": self.target,
                                  "class_names": list(self.target_classes), "columns": columns}
         if self.task == "regression":
+            y = splits["train"][1]
             mean, std = (float(y.mean()), float(y.std())) if self.standardize_target else (0.0, 1.0)
             state.update(target_mean=mean, target_std=std if std > 1e-12 else 1.0)
         self.preprocessing = state
-        return rows, self._target(state, y)
+        return {part: (Rows(out[part]), self._target(state, y)) for part, (_, y) in splits.items()}
 
     def transform(self, x: Rows, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._apply({"new": (x, y)})["new"]
+
+    def _apply(self, parts: dict[str, tuple[Rows, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each part's (rows, targets) transformed by the given (saved) preprocessing."""
         state = self.preprocessing
         try:
             columns = state["columns"]
@@ -294,8 +327,9 @@ class Table(InMemoryDataModule):
             if self.unit_inputs and state.get("format") != FORMAT:
                 raise ValueError(f"it is of format {state.get('format')}, whose unit inputs this dlrun would not "
                                  "scale as they were trained")
-            _, rows = self._transformed(x, lambda j, _values: columns[j])
-            return rows, self._target(state, y)
+            targets = {part: self._target(state, y) for part, (_, y) in parts.items()}
+            _, out = self._transformed({part: rows for part, (rows, _) in parts.items()}, lambda j, _values: columns[j])
+            return {part: (out[part], targets[part]) for part in parts}
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise DataError(f"dataset={self.name}: the run's preprocessing.json does not fit {self.path} "
                             f"({type(err).__name__}: {err}).", "Evaluate on the data the run was trained on, with its "
@@ -315,24 +349,27 @@ class Table(InMemoryDataModule):
             self._one_hot = (self.preprocessing, OneHot(self.preprocessing))
         return self._one_hot[1]
 
-    def _transformed(self, x: Rows, column_state) -> tuple[list[dict[str, Any]], np.ndarray]:
-        """(each column's state, the split's compact rows): on threads, column j's values are gathered once,
-        given to `column_state(j, values)` (the fitted state, or the saved one) and written transformed by it
-        into a column-major buffer, which one transposing copy turns into rows."""
-        out = new_array(len(self.features), len(x), torch.float32)
+    def _transformed(self, x: dict[str, Rows], column_state) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+        """(each column's state, each part's compact rows) of the parts `x` (the first one fitted on): on
+        threads, one per column, column j's values of each part are gathered once, the first part's given
+        to `column_state(j, values)` (the fitted state, or the saved one), and each written transformed by
+        it into its part's column-major buffer; one transposing copy each turns those into rows."""
+        out = {part: new_array(len(self.features), len(rows), torch.float32) for part, rows in x.items()}
 
         def one(j: int) -> dict[str, Any]:
-            values = self._gather(x, j)
-            column = column_state(j, values)
-            self._write_column(column, values, out[j])
+            column = None
+            for part, rows in x.items():
+                values = self._gather(rows, j)
+                column = column_state(j, values) if column is None else column
+                self._write_column(column, values, out[part][j])
             return column
 
-        return in_threads(one, range(len(out))), _rows(out)
+        return in_threads(one, range(len(self.features))), {part: _rows(buffer) for part, buffer in out.items()}
 
     @staticmethod
     def _gather(x: Rows, j: int) -> np.ndarray:
         """The split's values of column j, as its own copy."""
-        column = x.array.arrays[j]
+        column = x.array.column(j)
         return np.array(column) if x.index is None else column[x.index]
 
     def _fit_column(self, name: str, values: np.ndarray) -> dict[str, Any]:

@@ -45,11 +45,16 @@ def test_the_csv_benchmark_times_each_stage_of_the_same_preparation(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     csv = json.loads(out.read_text())["csv"]
-    assert csv["rows"] == 3000 and csv["features"] == 215 and len(csv["pairs_s"]) == 2
+    assert csv["rows"] == 3000 and csv["features"] == 215 and len(csv["rounds_s"]) == 2
+    assert csv["cache_megabytes"] > 0 and all(csv[side]["ratio"] > 0 for side in ("first", "later"))
     stages = csv["stages"]
-    assert list(stages) == ["read", "load after the read (target; columns start encoding)",
-                            "split (columns encoding meanwhile)", "preprocess (fit on train, transform every split)",
-                            "rest (tensors, batching path, spec)", "total"]
-    assert stages["read"][0] > 0 and stages["preprocess (fit on train, transform every split)"][0] > 0
+    writing = stages.pop("the cache's write, wall on its thread (within the stages above)")
+    assert list(stages) == ["read", "text columns encoded (for the cache and the features)",
+                            "load after the read (target; columns start encoding)",
+                            "split (the cache written meanwhile, on a thread)",
+                            "preprocess (fit on train, transform every split)",
+                            "rest (tensors, batching path, spec; the cache's write waited for)", "total"]
+    assert stages["read"][0] > 0 and writing[0] > 0 and stages["preprocess (fit on train, transform every split)"][0] > 0
+    assert all(wall >= 0 for wall, _ in stages.values())
     assert sum(wall for stage, (wall, _) in stages.items() if stage != "total") == pytest.approx(stages["total"][0], abs=0.05)
     assert "preprocess (fit on train, transform every split)" in proc.stdout

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +219,147 @@ def test_parquet_reads_like_csv(datamodule, tmp_path):
     assert a.prepare() == b.prepare()
     for split in ("train", "val", "test"):
         assert np.allclose(network_inputs(a, split).numpy(), network_inputs(b, split).numpy(), atol=1e-5)
+
+
+# --- the cache of parsed tables --------------------------------------------------------------------------
+def write_aged_table(path: Path, seed: int = 0, age_s: float = 60) -> pd.DataFrame:
+    """`write_table`'s houses plus an integer and a boolean column, modified `age_s` seconds ago (a file as fresh
+    as a tick of the file system's clock is not cached)."""
+    frame = write_table(path, seed=seed)
+    frame["rooms"] = np.random.default_rng(seed).integers(1, 6, len(frame))
+    frame["garden"] = frame["rooms"] > 2
+    frame.to_csv(path, index=False)
+    old = path.stat().st_mtime - age_s
+    os.utime(path, (old, old))
+    return frame
+
+
+def cached_csv(datamodule, path: Path, cache: Path, target: str = "churned", *more: str):
+    dm = datamodule("csv", f"dataset.path={path}", f"dataset.target={target}", f"dataset.cache_dir={cache}",
+                    "dataset.cache_min_mb=0", *more)
+    dm.prepare()
+    return dm
+
+
+def same_data(a, b) -> bool:
+    return a.preprocessing == b.preprocessing and all(
+        torch.equal(x, y) for split in ("train", "val", "test") for x, y in zip(a.splits[split], b.splits[split], strict=True))
+
+
+@pytest.mark.parametrize("target", ["churned", "price", "tier", "city"])
+def test_a_parsed_table_is_cached_and_a_later_load_reads_the_same_data(datamodule, tmp_path, target):
+    write_aged_table(tmp_path / "houses.csv")
+    plain = datamodule("csv", f"dataset.path={tmp_path / 'houses.csv'}", f"dataset.target={target}", "dataset.cache_dir=null")
+    plain.prepare()
+    built = cached_csv(datamodule, tmp_path / "houses.csv", tmp_path / "cache", target)
+    read = cached_csv(datamodule, tmp_path / "houses.csv", tmp_path / "cache", target)
+    assert (plain.notes.get("cache"), built.notes["cache"], read.notes["cache"]) == (None, "built", "read")
+    assert same_data(plain, built) and same_data(plain, read)
+    assert plain.target_classes == read.target_classes and plain.task == read.task
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".bin", ".json"]  # no temporary file left
+    small = datamodule("csv", f"dataset.path={tmp_path / 'houses.csv'}", f"dataset.target={target}",
+                       f"dataset.cache_dir={tmp_path / 'other'}")  # the default cache_min_mb: this file is too small
+    small.prepare()
+    assert "cache" not in small.notes and not (tmp_path / "other").exists()
+
+
+def test_a_changed_table_is_parsed_again_and_a_fresh_one_is_not_cached(datamodule, tmp_path):
+    path, cache = tmp_path / "houses.csv", tmp_path / "cache"
+    write_aged_table(path)
+    first = cached_csv(datamodule, path, cache)
+    write_aged_table(path, seed=1, age_s=30)  # new rows: a new modification time names a new cache
+    changed = cached_csv(datamodule, path, cache)
+    assert changed.notes["cache"] == "built" and len(list(cache.glob("*.bin"))) == 2
+    assert changed.preprocessing != first.preprocessing
+    write_table(path, seed=2)  # just written: its time may share a clock tick with a rewrite to come
+    fresh = cached_csv(datamodule, path, cache)
+    assert fresh.notes["cache"].startswith("not written (the file was modified") and len(list(cache.glob("*.bin"))) == 2
+
+
+def test_a_table_the_cache_cannot_hold_is_still_read(datamodule, tmp_path):
+    path = tmp_path / "houses.csv"
+    frame = write_aged_table(path)
+    frame["garden"] = frame["garden"].where(frame.index % 7 > 0)  # booleans with gaps: pandas holds Python objects
+    frame.to_csv(path, index=False)
+    os.utime(path, (0, 1e9))
+    dm = cached_csv(datamodule, path, tmp_path / "cache")
+    assert dm.notes["cache"] == "not written (the column 'garden' holds object values)"
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    write_aged_table(path)
+    dm = cached_csv(datamodule, path, blocked)  # cache_dir is a file: nothing can be written there
+    assert dm.notes["cache"].startswith("not written (") and dm.spec.task == "binary"
+
+
+@pytest.mark.slow
+def test_a_second_dlrun_and_dlrun_eval_read_the_cache_and_get_the_same_numbers(run_dlrun, tmp_path):
+    write_aged_table(tmp_path / "houses.csv")
+    args = ("dataset=csv", f"dataset.path={tmp_path / 'houses.csv'}", "dataset.target=churned", "dataset.cache_min_mb=0",
+            f"paths.data_dir={tmp_path / 'data'}", "trainer.max_epochs=3")  # absolute: dlrun-eval runs from elsewhere
+    first_dir = run_dlrun(*args).run_dir
+    second = run_dlrun(*args)
+    second_dir = next(d for d in second.run_dirs if d != first_dir)
+    summaries = [second.summary(d) for d in (first_dir, second_dir)]
+    assert [s["data_notes"]["cache"] for s in summaries] == ["built", "read"]
+    assert len(list((tmp_path / "data" / "table_cache").glob("houses-*.bin"))) == 1  # under paths.data_dir
+    assert "cache read" in second.stdout
+    assert summaries[1]["metrics"] == summaries[0]["metrics"]  # the same seed: the same numbers
+    evaluated = evaluate(second_dir)
+    for name, value in evaluated["metrics"].items():
+        assert value == pytest.approx(summaries[0]["metrics"][name], rel=1e-5, abs=1e-6), name
+
+
+def damage(cache: Path, rng: np.random.Generator) -> str:
+    """One random harm to a cache's files: bytes of the data flipped, the record cut short, a file emptied or
+    removed, or a field of the record given a wrong value or type; half of those with the record's checksum
+    made to match, as a record written to mislead would be."""
+    data, record = next(cache.glob("*.bin")), next(cache.glob("*.json"))
+    meta = json.loads(record.read_text())
+    column = meta["columns"][int(rng.integers(len(meta["columns"])))]
+    text = next(c for c in meta["columns"] if "levels" in c)
+    wrong = [None, -64, 64, 1 << 40, "0", [], 3.5, True, "object"]
+    pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
+    at = int(rng.integers(data.stat().st_size))
+    files = {
+        "flip": lambda: data.write_bytes(data.read_bytes()[:at] + bytes([data.read_bytes()[at] ^ 0xFF]) + data.read_bytes()[at + 1:]),
+        "cut record": lambda: record.write_text(record.read_text()[: int(rng.integers(1, 200))]),
+        "empty data": lambda: data.write_bytes(b""),
+        "no data": lambda: data.unlink(),
+        "no record": lambda: record.unlink(),
+    }
+    fields = {
+        "field": lambda: column.update({pick(["offset", "dtype", "crc32"]): pick(wrong)}),
+        "rows": lambda: meta.update(rows=pick(wrong)),
+        "format": lambda: meta.update(format=99),
+        "levels": lambda: text.update(levels=pick([["a", "a", "b"], ["a"], [1, 2, 3], "abc", None])),
+        "columns": lambda: meta.update(columns=pick([None, [], [1], [[]], {}, "abc"])),
+    }
+    name = pick(list(files) + list(fields))
+    if name in files:
+        files[name]()
+        return name
+    fields[name]()
+    crafted = bool(rng.integers(2))
+    meta.pop("check")
+    if crafted:
+        meta["check"] = zlib.crc32(json.dumps(meta, sort_keys=True).encode())
+    record.write_text(json.dumps(meta))
+    return f"{name}{' (crafted)' if crafted else ''}"
+
+
+def test_a_damaged_cache_is_rebuilt_never_trusted(datamodule, tmp_path):
+    path, cache = tmp_path / "houses.csv", tmp_path / "cache"
+    write_aged_table(path)
+    plain = cached_csv(datamodule, path, tmp_path / "unused")
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        harm = damage(cache, rng) if cache.exists() else "none yet"
+        dm = cached_csv(datamodule, path, cache)
+        assert same_data(plain, dm), harm
+        assert dm.notes["cache"] in ("built", "rebuilt (the old one was damaged)", "read"), harm
+        if harm != "none yet":
+            assert dm.notes["cache"] == "rebuilt (the old one was damaged)", harm
+        assert cached_csv(datamodule, path, cache).notes["cache"] == "read"  # the rebuilt cache is sound
 
 
 @pytest.mark.slow

@@ -10,6 +10,10 @@ range, held in the same two fields); a text column becomes one 0/1 feature per v
 and a value never seen there (only in validation or test) becomes all zeros. The fitted state is plain
 JSON (`self.preprocessing`), saved as the run's `preprocessing.json` and applied as saved by dlrun-eval.
 
+Parsing a large CSV is most of a first load, so its parsed columns are kept under `cache_dir` (`TableCache`;
+files of `cache_min_mb` or more): a later load of the unchanged file (a sweep's other jobs, dlrun-eval) reads
+them instead of parsing.
+
 The splits are held compact, one float32 per column: a numeric column's transformed value, a text
 column's index among its training categories (-1: a value training never saw). `OneHot` widens each
 batch where it is drawn (on the training device, or in a streaming loader's workers), so a text column
@@ -18,7 +22,11 @@ of 30 values costs 4 bytes a row in memory instead of 120, and the wide table is
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,11 +36,14 @@ import pandas as pd
 import torch
 
 from dlrun.data.datamodule import Arrays, InMemoryDataModule, Rows
+from dlrun.data.spec import DataSpec
 from dlrun.data.targets import check_task, encode_target
 from dlrun.errors import DataError, UserError
+from dlrun.rundir import write_atomic
 
 FORMAT = 2  # of preprocessing.json; 1 (before 2): unit inputs were scaled after it, by the training range
 PARQUET_SUFFIXES = (".parquet", ".pq")
+CACHE_FORMAT = 1  # part of the cache key: a new layout never reads an old file
 
 
 def new_array(rows: int, columns: int, dtype: torch.dtype) -> np.ndarray:
@@ -70,6 +81,147 @@ def require_file(path: str | None, name: str, knob: str, example: str) -> Path:
     if where.stat().st_size == 0:
         raise DataError(f"dataset={name}: {where.resolve()} (dataset.{knob}) is empty.", hint)
     return where
+
+
+class TableCache:
+    """Parsed tables on disk, one file each under `folder`, named by a hash of the table's path, size,
+    modification time and inode and of the pandas version that parsed it. A number column is kept as pandas
+    read it (float64, int64 or bool); a text column as each value's index among its distinct values (int32,
+    -1: missing), those values in the record, and it is served as a pandas Categorical of them, which the
+    encoding turns into codes without hashing the text again. A cache is checked before it is used (the
+    record, written last, holds each column's place, type and CRC-32, and a checksum of itself): a damaged
+    one is rebuilt, never trusted, and it holds raw numbers and JSON only, so reading it cannot run code.
+
+    A file modified within `RECENT_S` seconds of being read is not cached: file systems stamp times from a
+    coarse clock, so a rewrite within the same tick could keep the size and time that name the cache."""
+
+    RECENT_S = 2.0
+    NUMBER_DTYPES = ("float64", "int64", "bool")
+    ALIGN = 64  # bytes: each column starts on a cache line of the file
+    DAMAGED = (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError)  # what reading a damaged one raises
+
+    def __init__(self, folder: Path, min_bytes: float):
+        self.folder, self.min_bytes = folder, min_bytes
+        self.writing: Future | None = None
+
+    def frame(self, path: Path, read) -> tuple[pd.DataFrame, str | None]:
+        """(the table at `path`, what the cache did, or None where the file is too small to cache it);
+        `read(path)` parses the file where the cache does not hold it."""
+        before = path.stat()
+        if before.st_size < self.min_bytes or path.suffix.lower() in PARQUET_SUFFIXES:
+            return read(path), None
+        recent = time.time_ns() - before.st_mtime_ns < self.RECENT_S * 1e9
+        key = hashlib.sha256(f"{CACHE_FORMAT}\n{path.resolve()}\n{before.st_size}\n{before.st_mtime_ns}\n"
+                             f"{before.st_ino}\n{pd.__version__}\n".encode()).hexdigest()[:24]
+        data, record = self.folder / f"{path.stem}-{key}.bin", self.folder / f"{path.stem}-{key}.json"
+        found = data.exists() or record.exists()
+        if found:
+            try:
+                return self.load(data, record), "read"
+            except self.DAMAGED:
+                pass  # damaged: parsed again and rewritten below
+        frame = read(path)
+        after = path.stat()
+        if recent or (after.st_size, after.st_mtime_ns, after.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino):
+            return frame, "not written (the file was modified within seconds of being read)"
+        columns = self.columns(frame)
+        if isinstance(columns, str):
+            return frame, f"not written ({columns})"
+        # written on a thread of its own while the caller goes on with the table; `finish()` waits for it
+        pool = ThreadPoolExecutor(max_workers=1)
+        self.writing = pool.submit(self.write, columns, data, record, path)
+        pool.shutdown(wait=False)  # its thread ends after the write
+        return frame_of(columns), "rebuilt (the old one was damaged)" if found else "built"
+
+    def finish(self) -> str | None:
+        """Wait for the cache being written, if any: None once written, or why it was not (disk full, no
+        permission)."""
+        writing, self.writing = self.writing, None
+        try:
+            writing and writing.result()
+        except OSError as err:
+            return f"not written ({err})"
+        return None
+
+    @staticmethod
+    def columns(frame: pd.DataFrame) -> dict[str, tuple[np.ndarray, list[str] | None]] | str:
+        """{name: (values, None) for a number column, (codes, values) for a text one}, or why `frame` cannot be
+        cached (a column of another type)."""
+        for name, dtype in frame.dtypes.items():
+            if not (isinstance(dtype, pd.StringDtype) or str(dtype) in TableCache.NUMBER_DTYPES):
+                return f"the column {name!r} holds {dtype} values"
+
+        def kept(name: str) -> tuple[np.ndarray, list[str] | None]:
+            column = frame[name]
+            if isinstance(column.dtype, pd.StringDtype):
+                codes, levels = pd.factorize(column)
+                return codes.astype(np.int32), [str(v) for v in levels]
+            return column.to_numpy(), None
+
+        return dict(zip(frame.columns, in_threads(kept, frame.columns), strict=True))
+
+    def write(self, columns: dict[str, tuple[np.ndarray, list[str] | None]], data: Path, record: Path, source: Path) -> None:
+        """The columns into `data` (under a temporary name, then renamed), then their `record`."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = data.with_name(f".{data.name}.{os.getpid()}.tmp")
+        entries, offset = [], 0
+        try:
+            with open(tmp, "wb") as handle:
+                for name, (values, levels) in columns.items():
+                    raw = memoryview(np.ascontiguousarray(values)).cast("B")
+                    handle.write(raw)
+                    pad = -len(raw) % self.ALIGN
+                    handle.write(bytes(pad))
+                    entry = {"name": name, "dtype": str(values.dtype), "offset": offset, "crc32": zlib.crc32(raw)}
+                    entries.append(entry if levels is None else {**entry, "levels": levels})
+                    offset += len(raw) + pad
+            os.replace(tmp, data)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        body = {"format": CACHE_FORMAT, "source": str(source), "rows": len(next(iter(columns.values()))[0]),
+                "columns": entries}
+        write_atomic(record, json.dumps({**body, "check": _checksum(body)}) + "\n")
+
+    def load(self, data: Path, record: Path) -> pd.DataFrame:
+        """The table a cache holds, its columns memory-mapped; ValueError (or another of `DAMAGED`) if any part
+        of it does not check out: the checksums catch damage, the checks of each field a record written to
+        mislead."""
+        meta = json.loads(record.read_text())
+        if meta.pop("check", None) != _checksum(meta):
+            raise ValueError("a record whose text changed")
+        if (meta["format"] != CACHE_FORMAT or not isinstance(meta["rows"], int) or meta["rows"] < 1
+                or not isinstance(meta["columns"], list) or not meta["columns"]):
+            raise ValueError("not a table cache of this dlrun")
+        mapped = np.memmap(data, mode="r", dtype=np.uint8)
+        columns = {}
+        for entry in meta["columns"]:
+            levels = entry.get("levels")
+            dtype = np.dtype("int32" if levels is not None else entry["dtype"])
+            if str(dtype) != entry["dtype"] or (levels is None and entry["dtype"] not in self.NUMBER_DTYPES):
+                raise ValueError(f"a column of type {entry['dtype']!r}")
+            start = entry["offset"]
+            end = start + meta["rows"] * dtype.itemsize
+            if not isinstance(start, int) or start < 0 or start % self.ALIGN or end > len(mapped):
+                raise ValueError("a column outside the file")
+            values = mapped[start:end].view(dtype)
+            if zlib.crc32(values) != entry["crc32"]:
+                raise ValueError("a column whose bytes changed")
+            if levels is not None and not (isinstance(levels, list) and all(isinstance(v, str) for v in levels)):
+                raise ValueError("a text column without its values")
+            columns[str(entry["name"])] = (np.asarray(values), levels)
+        return frame_of(columns)
+
+
+def _checksum(record: dict) -> int:
+    return zlib.crc32(json.dumps(record, sort_keys=True).encode())
+
+
+def frame_of(columns: dict[str, tuple[np.ndarray, list[str] | None]]) -> pd.DataFrame:
+    """A DataFrame of `TableCache.columns`, number columns not copied, text columns as Categoricals (a code
+    out of range, or repeated values, raise ValueError)."""
+    return pd.DataFrame({name: values if levels is None else pd.Categorical.from_codes(values, pd.Index(levels, dtype="str"))
+                         for name, (values, levels) in columns.items()}, copy=False)
 
 
 class Columns:
@@ -155,6 +307,8 @@ class Table(InMemoryDataModule):
         max_categories: int = 50,
         standardize_target: bool = True,
         normalize: bool = True,
+        cache_dir: str | None = "data/table_cache",
+        cache_min_mb: float = 16,
         **kwargs,
     ):
         super().__init__(normalize=False, **kwargs)  # the preprocessing standardizes what it should
@@ -167,8 +321,11 @@ class Table(InMemoryDataModule):
             raise UserError(f"dataset.missing = {missing!r}: expected impute or error")
         if isinstance(max_categories, bool) or not isinstance(max_categories, int) or max_categories < 1:
             raise UserError(f"dataset.max_categories = {max_categories!r}: expected an integer >= 1")
+        if isinstance(cache_min_mb, bool) or not isinstance(cache_min_mb, (int, float)) or not cache_min_mb >= 0:
+            raise UserError(f"dataset.cache_min_mb = {cache_min_mb!r}: expected a number >= 0 (megabytes)")
         self.missing = missing
         self.max_categories = max_categories
+        self.cache = None if cache_dir is None else TableCache(Path(cache_dir).expanduser(), cache_min_mb * 1e6)
         self.standardize = normalize
         self.standardize_target = standardize_target
         self.levels: dict[str, np.ndarray] = {}  # a text column's distinct values, by index, in this file
@@ -204,8 +361,28 @@ class Table(InMemoryDataModule):
         frame.columns = [str(c) for c in frame.columns]
         return frame
 
+    def parsed(self) -> pd.DataFrame:
+        """dataset.path's table: from the cache where it holds this file, else read (and cached if large)."""
+        if self.cache is None:
+            return self.read()
+        path = require_file(self.path, self.name, "path", "dataset.path=houses.csv dataset.target=price")
+        frame, note = self.cache.frame(path, self.read)
+        if note:
+            self.notes["cache"] = note
+        return frame
+
+    def prepare(self) -> DataSpec:
+        """The shared pipeline; a cache written meanwhile (while the split and the preprocessing ran) is waited
+        for before it returns, so that no thread outlives the preparation."""
+        try:
+            return super().prepare()
+        finally:
+            failed = self.cache and self.cache.finish()
+            if failed:
+                self.notes["cache"] = failed
+
     def load(self) -> Arrays:
-        frame = self.read()
+        frame = self.parsed()
         columns = list(frame.columns)
         listed = ", ".join(columns[:40]) + (", ..." if len(columns) > 40 else "")
         if self.target is None:
@@ -239,8 +416,12 @@ class Table(InMemoryDataModule):
                 raise DataError(f"dataset={self.name}: {self.path} has missing values in the columns {named}.",
                                 "Fill them in the file, or set dataset.missing=impute (median / most frequent value).")
         given = self.preprocessing
-        # text labels as pandas holds them (Arrow strings): encoded there, not as a million Python strings
-        values = labels.array if isinstance(labels.dtype, pd.StringDtype) else labels.to_numpy()
+        # text labels as Arrow strings (as pandas reads them; from the cache, its codes' values): encoded there,
+        # not as a million Python strings
+        if isinstance(labels.dtype, pd.CategoricalDtype) and isinstance(labels.cat.categories.dtype, pd.StringDtype):
+            values = labels.cat.categories.array.take(labels.cat.codes.to_numpy())
+        else:
+            values = labels.array if isinstance(labels.dtype, pd.StringDtype) else labels.to_numpy()
         target = encode_target(values, given["task"] if given else self.task_setting,
                                f"the target column {self.target!r}", tuple(given["class_names"]) if given else None)
         self.task, self.target_classes = target.task, target.class_names

@@ -319,9 +319,14 @@ def damage(cache: Path, rng: np.random.Generator) -> str:
     text = next(c for c in meta["columns"] if "levels" in c)
     wrong = [None, -64, 64, 1 << 40, "0", [], 3.5, True, "object"]
     pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
-    at = int(rng.integers(data.stat().st_size))
+
+    def flip() -> None:
+        raw = bytearray(data.read_bytes())
+        raw[int(rng.integers(len(raw)))] ^= 0xFF
+        data.write_bytes(bytes(raw))
+
     files = {
-        "flip": lambda: data.write_bytes(data.read_bytes()[:at] + bytes([data.read_bytes()[at] ^ 0xFF]) + data.read_bytes()[at + 1:]),
+        "flip": flip,
         "cut record": lambda: record.write_text(record.read_text()[: int(rng.integers(1, 200))]),
         "empty data": lambda: data.write_bytes(b""),
         "no data": lambda: data.unlink(),
@@ -561,11 +566,14 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
         "one image class": (["dataset=image_folder", "dataset.root=one_class_pets"], ["one_class_pets", "cats"]),
         "no images": (["dataset=image_folder", "dataset.root=no_images"], ["no_images", "no images"]),
         "missing arrays": (["dataset=arrays", "dataset.path=features.npz"], ["features.npz"]),
+        "negative cache size": ([*csv, "dataset.path=houses.csv", "dataset.cache_min_mb=-1"], ["dataset.cache_min_mb", ">= 0"]),
+        "cache dir not a string": ([*csv, "dataset.path=houses.csv", "dataset.cache_dir=[1]"], ["dataset.cache_dir", "string"]),
     }
 
 
 BAD_INPUTS = ["missing file", "empty file", "no such target", "one class", "cannot encode", "directory for a file",
-              "file for a directory", "one image class", "no images", "missing arrays"]
+              "file for a directory", "one image class", "no images", "missing arrays", "negative cache size",
+              "cache dir not a string"]
 
 
 @pytest.mark.slow

@@ -181,8 +181,9 @@ def test_lr_range_test_refuses_bad_input_with_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_debug_profile_prints_top_operators_and_writes_a_trace(tmp_path):
-    proc = subprocess.run([*DLRUN, *QUIET, "debug=profile"], env=_env(tmp_path), capture_output=True, text=True,
-                          timeout=900)
+    # Every operator in the table: under load the ranking shifts, and a top-20 cut could drop any one of them.
+    proc = subprocess.run([*DLRUN, *QUIET, "debug=profile", "trainer.profiler.row_limit=1000"], env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "aten::addmm" in proc.stdout and "Self CPU" in proc.stdout  # the MLP's linear layers, in the table
     trace = json.loads((_only_run_dir(tmp_path) / "profile.pt.trace.json").read_text())

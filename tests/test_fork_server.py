@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,22 @@ def test_a_forked_job_is_a_fresh_runs_equal(server, tmp_path):
     assert (tmp_path / "forked" / "metrics.csv").read_text() == (tmp_path / "fresh" / "metrics.csv").read_text()
     # the job's output went to its log, not to the server's channel to the launcher
     assert "dlrun · completed" in (tmp_path / "forked" / "job.log").read_text()
+
+
+def test_a_forked_command_prints_what_a_fresh_one_prints(server, tmp_path):
+    """What the tests fork (run_process in tests/conftest.py): any of dlrun's commands, in a directory of its own,
+    with stdout and stderr apart; the exit code, stdout and stderr are a fresh process's."""
+    env = {**os.environ, "COLUMNS": "90"}
+    for module, argv, named in (("dlrun.cli", [*QUIET, "optim.lr=-1"], "optim.lr = -1"),
+                                ("dlrun.info", ["model=nope"], "nope"),
+                                ("dlrun.evaluate", ["no_such_run"], "no_such_run")):
+        fresh = subprocess.run([sys.executable, "-m", module, *argv], env=env, cwd=tmp_path, capture_output=True,
+                               text=True, timeout=300)
+        assert fresh.returncode == 2 and named in fresh.stdout + fresh.stderr, (module, fresh.stdout, fresh.stderr)
+        stdout, stderr = tmp_path / f"{module}.out", tmp_path / f"{module}.err"
+        job = server.start(argv, env, stdout, cwd=tmp_path, stderr=stderr, module=module)
+        assert job.wait() == 2, module
+        assert (stdout.read_text(), stderr.read_text()) == (fresh.stdout, fresh.stderr), module
 
 
 @pytest.mark.slow

@@ -20,7 +20,8 @@ What a child inherits beyond a fresh process's state is the imported modules; th
 are seeded by the job itself (seed_everything), as in a fresh process.
 
 Protocol: JSON lines. The server says {"ready": bool, "reason": str}; the launcher sends one request per
-job ({"argv", "cwd", "env", "log"}); the server answers {"started": pid} at once and {"exited": pid,
+job ({"argv", "cwd", "env", "log"}; "stderr" when it goes to a file of its own, "module" when the job runs
+another of dlrun's commands than dlrun.cli); the server answers {"started": pid} at once and {"exited": pid,
 "returncode": code} when the child ends (code as subprocess's: negative for a signal).
 """
 
@@ -125,23 +126,25 @@ def _become(request: dict[str, Any]) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
     os.close(null)
-    sys.argv = [sys.argv[0], *request["argv"]]  # run_module puts dlrun/cli.py first
+    for fd, path in ((1, request["log"]), (2, request.get("stderr", request["log"]))):
+        log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        os.dup2(log, fd)
+        os.close(log)
+    sys.argv = [sys.argv[0], *request["argv"]]  # run_module puts the module's file first
     dlrun.IMPORTED_AT = time.time()  # summary.json's startup_seconds counts from here
 
 
-def _run_job() -> int:
-    """Run dlrun.cli as `__main__` and end as the interpreter ends, short of tearing its modules down (seconds
-    with torch loaded, and nothing a job needs): threads joined, atexit handlers run, output flushed. This
-    is how multiprocessing's forked children end too. Returns the exit code Python would have exited with."""
+def _run_job(module: str) -> int:
+    """Run the module (dlrun.cli for a sweep's job) as `__main__` and end as the interpreter ends, short of
+    tearing its modules down (seconds with torch loaded, and nothing a job needs): threads joined, atexit
+    handlers run, output flushed. This is how multiprocessing's forked children end too. Returns the exit
+    code Python would have exited with."""
+    sys.modules.pop(module, None)  # as in a fresh process, where only __main__ runs it (runpy warns otherwise)
     try:
-        runpy.run_module("dlrun.cli", run_name="__main__", alter_sys=True)
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as stop:
         if stop.code is None or isinstance(stop.code, int):
@@ -165,7 +168,7 @@ def main() -> None:
     if request is None:
         return
     _become(request)
-    os._exit(_run_job())
+    os._exit(_run_job(request.get("module", "dlrun.cli")))
 
 
 # --- the launcher's side ------------------------------------------------------------------------------
@@ -193,10 +196,14 @@ class ForkServer:
             self._read(block=True)
         return self._warm and self.reason is None
 
-    def start(self, argv: list[str], env: dict[str, str], log: Path) -> ForkedJob:
-        """Fork a job that runs `python -m dlrun.cli *argv` with `env`, its output appended to `log`."""
+    def start(self, argv: list[str], env: dict[str, str], log: Path, cwd: Path | None = None,
+              stderr: Path | None = None, module: str = "dlrun.cli") -> ForkedJob:
+        """Fork a job that runs `python -m MODULE *argv` with `env` in `cwd` (default: this one), its output
+        appended to `log` (its stderr to `stderr` when given)."""
         assert self._process.stdin is not None
-        request = {"argv": argv, "cwd": os.getcwd(), "env": env, "log": str(log)}
+        request = {"argv": argv, "cwd": str(cwd or os.getcwd()), "env": env, "log": str(log), "module": module}
+        if stderr is not None:
+            request["stderr"] = str(stderr)
         try:
             self._process.stdin.write((json.dumps(request) + "\n").encode())
             self._process.stdin.flush()

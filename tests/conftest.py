@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from dlrun import CONF_DIR
+from dlrun.sweep.fork_server import ForkServer
 
 DLRUN = [sys.executable, "-m", "dlrun.cli"]
 
@@ -50,15 +55,83 @@ def dlrun_in(directory: Path) -> Callable[..., Result]:
         full_env = {**os.environ, "DLRUN_OUTPUT_DIR": str(directory / "outputs"), "COLUMNS": "120"}
         full_env.pop("HYDRA_FULL_ERROR", None)
         full_env.update(env or {})
-        proc = subprocess.run(
-            [*DLRUN, *args], cwd=directory, env=full_env, capture_output=True, text=True, timeout=timeout
-        )
+        proc = run_process([*DLRUN, *args], env=full_env, cwd=directory, timeout=timeout)
         result = Result(proc.returncode, proc.stdout, proc.stderr, directory / "outputs")
-        if check and proc.returncode != 0:
-            raise AssertionError(f"dlrun {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"dlrun {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
         return result
 
     return run
+
+
+# --- the tests' fork server -------------------------------------------------------------------------------
+# A fresh `python -m dlrun.cli` spends several CPU seconds importing torch, Lightning and Hydra; the suite starts
+# hundreds. run_process forks them from one warm server instead: the sweep's fork server, whose children are what
+# a fresh process would be (tests/test_fork_server.py checks that they compute the same numbers). A command still
+# starts as a fresh process where its start would differ from the server's: an environment that differs in what
+# is read at import (PYTHONPATH, threads, ...), and DDP, whose ranks re-run the command line. The tests that are
+# about a fresh process (start-up, imports, signals) start it themselves. DLRUN_TESTS_FORK=0 turns forking off.
+
+_RUN_TIME_ENV = ("DLRUN_", "WANDB_", "MLFLOW_", "HYDRA_FULL_ERROR", "COLUMNS")  # read after start-up, not at import
+_FRESH_ARGS = ("ddp", "multi_gpu", "devices", "strategy", "num_nodes")
+_server: ForkServer | None = None
+_server_lock = threading.Lock()  # the fuzz tests run commands from two threads; the server's channel is one
+
+
+def run_process(command: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None,
+                timeout: float = 600) -> subprocess.CompletedProcess:
+    """subprocess.run(command, capture_output=True, text=True), forked from the tests' server where it can be."""
+    env = dict(os.environ if env is None else env)
+    server = _fork_server() if _forkable(command, env) else None
+    if server is None:
+        return subprocess.run(list(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    with tempfile.TemporaryDirectory() as captured:
+        stdout, stderr = Path(captured, "stdout"), Path(captured, "stderr")
+        with _server_lock:
+            job = server.start(list(command[3:]), env, stdout, cwd=cwd, stderr=stderr, module=command[2])
+        deadline = time.monotonic() + timeout
+        while True:
+            with _server_lock:
+                code = job.poll()
+            if code is not None:
+                break
+            if time.monotonic() > deadline:
+                os.killpg(job.pid, signal.SIGKILL)
+                raise subprocess.TimeoutExpired(list(command), timeout)
+            time.sleep(0.02)
+        return subprocess.CompletedProcess(list(command), code, stdout.read_text(), stderr.read_text())
+
+
+def _forkable(command: Sequence[str], env: dict[str, str]) -> bool:
+    """A `python -m dlrun.…` command whose start the server's would not change."""
+    if os.environ.get("DLRUN_TESTS_FORK") == "0" or list(command[:2]) != [sys.executable, "-m"]:
+        return False
+    if not command[2].startswith("dlrun.") or command[2] == "dlrun.sweep.fork_server":
+        return False
+    if any(word in arg for arg in command[3:] for word in _FRESH_ARGS):
+        return False
+    base = _server_env()
+    return all(env.get(key) == base.get(key) or key.startswith(_RUN_TIME_ENV) for key in {*env, *base})
+
+
+def _server_env() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items() if not key.startswith(_RUN_TIME_ENV)}
+
+
+def _fork_server() -> ForkServer | None:
+    """The session's server, started on first use; None where it cannot fork (its log says why)."""
+    global _server
+    with _server_lock:
+        if _server is None:
+            log = Path(tempfile.gettempdir()) / f"dlrun-tests-fork-server-{os.getpid()}.log"
+            _server = ForkServer(_server_env(), stderr=log)
+        return _server if _server.ready(wait=True) else None
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _server is not None:
+        _server.close()
 
 
 @pytest.fixture

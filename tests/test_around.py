@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DLRUN, sigterm_after_two_epochs
+from tests.conftest import DLRUN, run_process, sigterm_after_two_epochs
 
 QUIET = ("print_config=false", "callbacks.model_summary=false", "callbacks.progress_bar=false")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -46,8 +46,8 @@ def test_curves_png_for_completed_diverged_and_interrupted_runs_and_cheap(tmp_pa
     assert default.returncode == 0, default.stderr
     completed = _only_run_dir(tmp_path / "default")
 
-    diverging = subprocess.run([*DLRUN, *QUIET, "optim=sgd", "optim.lr=1e4", "debug=fast"],
-                               env=_env(tmp_path / "diverged"), capture_output=True, text=True, timeout=600)
+    diverging = run_process([*DLRUN, *QUIET, "optim=sgd", "optim.lr=1e4", "debug=fast"],
+                            env=_env(tmp_path / "diverged"), timeout=600)
     assert diverging.returncode == 0, diverging.stderr
     diverged = _only_run_dir(tmp_path / "diverged")
 
@@ -92,9 +92,9 @@ def test_curves_mark_the_best_epoch_and_how_the_run_stopped():
 def digits_runs(tmp_path_factory) -> dict[str, Path]:
     """An MLP, a CNN and an LSTM trained briefly on digits: {model: run dir}."""
     out = tmp_path_factory.mktemp("export_runs")
-    sweep = subprocess.run([*DLRUN, "-m", *QUIET, "model=mlp,cnn,lstm", "debug=fast", "trainer.max_epochs=2",
+    sweep = run_process([*DLRUN, "-m", *QUIET, "model=mlp,cnn,lstm", "debug=fast", "trainer.max_epochs=2",
                             "trainer.limit_test_batches=1.0"],
-                           env=_env(out), capture_output=True, text=True, timeout=1200)
+                        env=_env(out), timeout=1200)
     assert sweep.returncode == 0, sweep.stdout + sweep.stderr
     runs = {}
     for summary_file in out.glob("sweeps/*/*/summary.json"):
@@ -114,8 +114,8 @@ def test_export_onnx_and_torchscript_compute_what_the_run_did(digits_runs, model
 
     run_dir = digits_runs[model]
     for fmt, name in (("onnx", "model.onnx"), ("torchscript", "model.pt")):
-        proc = subprocess.run([*DLRUN[:2], "dlrun.export", str(run_dir), "--format", fmt], capture_output=True,
-                              text=True, timeout=600, env=_env(tmp_path))
+        proc = run_process([*DLRUN[:2], "dlrun.export", str(run_dir), "--format", fmt], env=_env(tmp_path),
+                           timeout=600)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "checked with" in proc.stdout and (run_dir / name).is_file()
         sidecar = json.loads((run_dir / f"{name}.json").read_text())
@@ -144,7 +144,7 @@ def test_export_onnx_and_torchscript_compute_what_the_run_did(digits_runs, model
 
 
 def test_export_of_something_else_than_a_run_exits_2_with_a_panel(tmp_path):
-    proc = subprocess.run([*DLRUN[:2], "dlrun.export", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    proc = run_process([*DLRUN[:2], "dlrun.export", str(tmp_path)], timeout=300)
     assert proc.returncode == 2
     assert "Not a run directory" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
 
@@ -155,8 +155,8 @@ def test_export_of_something_else_than_a_run_exits_2_with_a_panel(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("optim", ["adam", "sgd"])
 def test_lr_range_test_suggests_a_sensible_rate(optim, tmp_path):
-    proc = subprocess.run([*DLRUN[:2], "dlrun.lr_find", f"optim={optim}", "--steps", "150"], env=_env(tmp_path),
-                          capture_output=True, text=True, timeout=900)
+    proc = run_process([*DLRUN[:2], "dlrun.lr_find", f"optim={optim}", "--steps", "150"], env=_env(tmp_path),
+                       timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (found,) = (tmp_path / "lr_find").iterdir()  # the test's directory is kept
     result = json.loads((found / "lr_find.json").read_text())
@@ -170,8 +170,7 @@ def test_lr_range_test_suggests_a_sensible_rate(optim, tmp_path):
 
 def test_lr_range_test_refuses_bad_input_with_exit_2(tmp_path):
     for args in (["--min-lr", "1", "--max-lr", "0.1"], ["model=nope"]):
-        proc = subprocess.run([*DLRUN[:2], "dlrun.lr_find", *args], env=_env(tmp_path), capture_output=True,
-                              text=True, timeout=300)
+        proc = run_process([*DLRUN[:2], "dlrun.lr_find", *args], env=_env(tmp_path), timeout=300)
         assert proc.returncode == 2, args
         assert "Traceback" not in proc.stdout + proc.stderr
 
@@ -182,8 +181,8 @@ def test_lr_range_test_refuses_bad_input_with_exit_2(tmp_path):
 @pytest.mark.slow
 def test_debug_profile_prints_top_operators_and_writes_a_trace(tmp_path):
     # Every operator in the table: under load the ranking shifts, and a top-20 cut could drop any one of them.
-    proc = subprocess.run([*DLRUN, *QUIET, "debug=profile", "trainer.profiler.row_limit=1000"], env=_env(tmp_path),
-                          capture_output=True, text=True, timeout=900)
+    proc = run_process([*DLRUN, *QUIET, "debug=profile", "trainer.profiler.row_limit=1000"], env=_env(tmp_path),
+                       timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "aten::addmm" in proc.stdout and "Self CPU" in proc.stdout  # the MLP's linear layers, in the table
     trace = json.loads((_only_run_dir(tmp_path) / "profile.pt.trace.json").read_text())

@@ -25,6 +25,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from dlrun import CONF_DIR
+from tests.conftest import run_process
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -54,8 +55,7 @@ def _run_all(commands: list[list[str]], out: Path) -> list[tuple[list[str], int 
 
     def run(command: list[str]) -> tuple[list[str], int | str, str]:
         try:
-            proc = subprocess.run(command, env=_env(out), cwd=out.parent, capture_output=True, text=True,
-                                  timeout=CASE_TIMEOUT)
+            proc = run_process(command, env=_env(out), cwd=out.parent, timeout=CASE_TIMEOUT)
         except subprocess.TimeoutExpired:
             return command, "timeout", ""
         return command, proc.returncode, proc.stdout + proc.stderr
@@ -148,8 +148,7 @@ def originals(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("fuzz_dirs") / "out"
     small = (*QUIET, "debug=fast", "dataset=xor", "model=logreg")
     for args in (small, ("-m", *small, "seed=0,1")):
-        proc = subprocess.run([*DLRUN, *args], env=_env(out), cwd=out.parent, capture_output=True, text=True,
-                              timeout=600)
+        proc = run_process([*DLRUN, *args], env=_env(out), cwd=out.parent, timeout=600)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     (run_config,) = (out / "runs").glob("*/*/config.yaml")
     (sweep,) = (out / "sweeps").iterdir()

@@ -28,7 +28,7 @@ from dlrun.run import build_experiment, build_trainer
 from dlrun.rundir import RunDir, RunInterrupted, load_checkpoint
 from dlrun.training.callbacks import Diverged, DivergenceGuard
 from dlrun.training.grouping import GroupedExecution
-from tests.conftest import reads_progress_bar, sigterm_after_two_epochs
+from tests.conftest import reads_progress_bar, run_process, sigterm_after_two_epochs
 
 DLRUN = [sys.executable, "-m", "dlrun.cli"]
 DLRUN_EVAL = [sys.executable, "-m", "dlrun.evaluate"]
@@ -221,7 +221,7 @@ def test_signals_stop_at_the_next_batch(resume_cfg, tmp_path, signum, steps_per_
 def test_sigterm_then_resume_ends_like_the_run_left_alone(tmp_path):
     args = [*DLRUN, *QUIET, "dataset.n_train=300", "dataset.batch_size=16", "regularizer=dropout",
             "scheduler=step", "scheduler.step_size=2", "callbacks=no_early_stopping", "trainer.max_epochs=10"]
-    alone = subprocess.run(args, env=_env(tmp_path / "alone"), capture_output=True, text=True, timeout=600)
+    alone = run_process(args, env=_env(tmp_path / "alone"), timeout=600)
     assert alone.returncode == 0, alone.stderr
 
     out = tmp_path / "killed"
@@ -232,8 +232,7 @@ def test_sigterm_then_resume_ends_like_the_run_left_alone(tmp_path):
     interrupted = _summary(run_dir)
     assert interrupted["status"] == "interrupted" and 2 <= interrupted["epochs"] < 10
 
-    resumed = subprocess.run([*DLRUN, f"resume={run_dir}"], env=_env(out), capture_output=True, text=True,
-                             timeout=600)
+    resumed = run_process([*DLRUN, f"resume={run_dir}"], env=_env(out), timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert _only_run_dir(out) == run_dir  # same directory, no new one
     final, reference = _summary(run_dir), _summary(_only_run_dir(tmp_path / "alone"))
@@ -306,16 +305,16 @@ def test_divergence_read_every_n_steps_and_at_each_epochs_last_batch(bad_step, s
 @pytest.mark.slow
 def test_divergent_run_and_a_sweep_containing_it(tmp_path):
     """A diverged run is a result (exit 0, status diverged); a sweep with it completes its other jobs."""
-    single = subprocess.run([*DLRUN, *QUIET, "optim=sgd", "optim.lr=1e4", "debug=fast"], env=_env(tmp_path / "one"),
-                            capture_output=True, text=True, timeout=600)
+    single = run_process([*DLRUN, *QUIET, "optim=sgd", "optim.lr=1e4", "debug=fast"], env=_env(tmp_path / "one"),
+                         timeout=600)
     assert single.returncode == 0, single.stderr
     summary = _summary(_only_run_dir(tmp_path / "one"))
     assert summary["status"] == "diverged" and summary["diverged"]["epoch"] == 0
     assert summary["diverged"]["step"] <= 2 and "exceeds" in summary["diverged"]["reason"]
 
     # dlrun's own sweep launcher (hydra/launcher=dlrun, the default for -m): one process per job
-    sweep = subprocess.run([*DLRUN, "-m", *QUIET, "optim=sgd", "optim.lr=0.01,1e4", "debug=fast"],
-                           env=_env(tmp_path / "sweep"), capture_output=True, text=True, timeout=600)
+    sweep = run_process([*DLRUN, "-m", *QUIET, "optim=sgd", "optim.lr=0.01,1e4", "debug=fast"],
+                        env=_env(tmp_path / "sweep"), timeout=600)
     assert sweep.returncode == 0, sweep.stdout + sweep.stderr
     jobs = sorted((tmp_path / "sweep" / "sweeps").glob("*/*/summary.json"))
     assert sorted(json.loads(p.read_text())["status"] for p in jobs) == ["completed", "diverged"]
@@ -364,8 +363,7 @@ def test_load_checkpoint_refuses_bad_files_clearly(tmp_path):
 def test_dlrun_eval_reproduces_the_runs_test_metrics(trained_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
-    proc = subprocess.run([*DLRUN_EVAL, str(run_dir)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "COLUMNS": "200"})
+    proc = run_process([*DLRUN_EVAL, str(run_dir)], env={**os.environ, "COLUMNS": "200"}, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "test/acc" in proc.stdout
     result = json.loads((run_dir / "eval_test.json").read_text())
@@ -374,8 +372,7 @@ def test_dlrun_eval_reproduces_the_runs_test_metrics(trained_run, tmp_path):
         {k: v for k, v in _summary(run_dir)["metrics"].items() if k.startswith("test/")}, rel=1e-6)
     assert result["checkpoint"].endswith("best.ckpt") and result["samples"] == 270
 
-    proc = subprocess.run([*DLRUN_EVAL, str(run_dir / "checkpoints" / "last.ckpt"), "--split", "val"],
-                          capture_output=True, text=True, timeout=600)
+    proc = run_process([*DLRUN_EVAL, str(run_dir / "checkpoints" / "last.ckpt"), "--split", "val"], timeout=600)
     assert proc.returncode == 0, proc.stderr
     val = json.loads((run_dir / "eval_val.json").read_text())
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
@@ -479,8 +476,7 @@ def bad_input_results(places, tmp_path_factory) -> dict[str, subprocess.Complete
 
     def run(case: tuple[str, list[str], list[str], list[str]]) -> subprocess.CompletedProcess:
         _, command, args, _ = case
-        return subprocess.run([*command, *(a.format(**places) for a in args)], env=_env(out), cwd=out,
-                              capture_output=True, text=True, timeout=300)
+        return run_process([*command, *(a.format(**places) for a in args)], env=_env(out), cwd=out, timeout=300)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         return dict(zip([c[0] for c in BAD_INPUTS], pool.map(run, BAD_INPUTS), strict=True))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.conftest import run_process
 from tests.test_data import _write_cifar
 
 DLRUN = [sys.executable, "-m", "dlrun.cli"]
@@ -32,8 +33,7 @@ def _run(command: list[str], out: Path, *args: str, env: dict[str, str] | None =
     full_env.pop("HYDRA_FULL_ERROR", None)
     full_env.pop("DLRUN_TRUST_RUN_CONFIGS", None)
     full_env.update(env or {})
-    return subprocess.run([*command, *args], env=full_env, cwd=out.parent, capture_output=True, text=True,
-                          timeout=timeout)
+    return run_process([*command, *args], env=full_env, cwd=out.parent, timeout=timeout)
 
 
 def _flat(proc: subprocess.CompletedProcess) -> str:

@@ -59,16 +59,21 @@ def test_a_forked_job_is_a_fresh_runs_equal(server, tmp_path):
 
 
 def test_a_forked_command_prints_what_a_fresh_one_prints(server, tmp_path):
-    """What the tests fork (run_process in tests/conftest.py): any of dlrun's commands, in a directory of its own,
-    with stdout and stderr apart; the exit code, stdout and stderr are a fresh process's."""
+    """What the tests fork (run_process in tests/conftest.py): any of dlrun's commands, in a directory of its own
+    (whose modules it imports, as `python -m` does), with stdout and stderr apart; the exit code, stdout and
+    stderr are a fresh process's."""
     env = {**os.environ, "COLUMNS": "90"}
-    for module, argv, named in (("dlrun.cli", [*QUIET, "optim.lr=-1"], "optim.lr = -1"),
-                                ("dlrun.info", ["model=nope"], "nope"),
-                                ("dlrun.evaluate", ["no_such_run"], "no_such_run")):
+    (tmp_path / "own_module.py").write_text("X = 1\n")  # found: the class is missing, not the module
+    for case, (module, argv, named) in enumerate((("dlrun.cli", [*QUIET, "optim.lr=-1"], "optim.lr = -1"),
+                                                  ("dlrun.cli", [*QUIET, "model._target_=own_module.Missing"],
+                                                   "not a package"),
+                                                  ("dlrun.info", ["model=nope"], "nope"),
+                                                  ("dlrun.evaluate", ["no_such_run"], "no_such_run"))):
         fresh = subprocess.run([sys.executable, "-m", module, *argv], env=env, cwd=tmp_path, capture_output=True,
                                text=True, timeout=300)
-        assert fresh.returncode == 2 and named in fresh.stdout + fresh.stderr, (module, fresh.stdout, fresh.stderr)
-        stdout, stderr = tmp_path / f"{module}.out", tmp_path / f"{module}.err"
+        flat = "".join((fresh.stdout + fresh.stderr).replace("│", "").split())  # a panel wraps its lines
+        assert fresh.returncode == 2 and "".join(named.split()) in flat, (module, fresh.stdout, fresh.stderr)
+        stdout, stderr = tmp_path / f"{case}.out", tmp_path / f"{case}.err"
         job = server.start(argv, env, stdout, cwd=tmp_path, stderr=stderr, module=module)
         assert job.wait() == 2, module
         assert (stdout.read_text(), stderr.read_text()) == (fresh.stdout, fresh.stderr), module

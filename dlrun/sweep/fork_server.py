@@ -123,7 +123,10 @@ def _become(request: dict[str, Any]) -> None:
     """Turn this forked child (already in a session of its own, see serve) into the job's process."""
     import dlrun
 
+    started_in = os.getcwd()
     os.chdir(request["cwd"])
+    if sys.path and sys.path[0] == started_in:  # `python -m` puts the directory it starts in first on the path
+        sys.path[0] = os.getcwd()
     os.environ.clear()
     os.environ.update(request["env"])
     null = os.open(os.devnull, os.O_RDONLY)

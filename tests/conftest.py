@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -75,6 +76,8 @@ def dlrun_in(directory: Path) -> Callable[..., Result]:
 
 _RUN_TIME_ENV = ("DLRUN_", "WANDB_", "MLFLOW_", "HYDRA_FULL_ERROR", "COLUMNS")  # read after start-up, not at import
 _FRESH_ARGS = ("ddp", "multi_gpu", "devices", "strategy", "num_nodes")
+# The server's environment, as the session started: a test that changes os.environ later changes no fork's start.
+_SERVER_ENV = {key: value for key, value in os.environ.items() if not key.startswith(_RUN_TIME_ENV)}
 _server: ForkServer | None = None
 _server_lock = threading.Lock()  # the fuzz tests run commands from two threads; the server's channel is one
 
@@ -97,7 +100,8 @@ def run_process(command: Sequence[str], env: dict[str, str] | None = None, cwd: 
             if code is not None:
                 break
             if time.monotonic() > deadline:
-                os.killpg(job.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # it ended just now
+                    os.killpg(job.pid, signal.SIGKILL)
                 raise subprocess.TimeoutExpired(list(command), timeout)
             time.sleep(0.02)
         return subprocess.CompletedProcess(list(command), code, stdout.read_text(), stderr.read_text())
@@ -111,12 +115,7 @@ def _forkable(command: Sequence[str], env: dict[str, str]) -> bool:
         return False
     if any(word in arg for arg in command[3:] for word in _FRESH_ARGS):
         return False
-    base = _server_env()
-    return all(env.get(key) == base.get(key) or key.startswith(_RUN_TIME_ENV) for key in {*env, *base})
-
-
-def _server_env() -> dict[str, str]:
-    return {key: value for key, value in os.environ.items() if not key.startswith(_RUN_TIME_ENV)}
+    return all(env.get(key) == _SERVER_ENV.get(key) or key.startswith(_RUN_TIME_ENV) for key in {*env, *_SERVER_ENV})
 
 
 def _fork_server() -> ForkServer | None:
@@ -125,7 +124,7 @@ def _fork_server() -> ForkServer | None:
     with _server_lock:
         if _server is None:
             log = Path(tempfile.gettempdir()) / f"dlrun-tests-fork-server-{os.getpid()}.log"
-            _server = ForkServer(_server_env(), stderr=log)
+            _server = ForkServer(_SERVER_ENV, stderr=log)
         return _server if _server.ready(wait=True) else None
 
 

@@ -93,7 +93,7 @@ def digits_runs(tmp_path_factory) -> dict[str, Path]:
     """An MLP, a CNN and an LSTM trained briefly on digits: {model: run dir}."""
     out = tmp_path_factory.mktemp("export_runs")
     sweep = run_process([*DLRUN, "-m", *QUIET, "model=mlp,cnn,lstm", "debug=fast", "trainer.max_epochs=2",
-                            "trainer.limit_test_batches=1.0"],
+                         "trainer.limit_test_batches=1.0"],
                         env=_env(out), timeout=1200)
     assert sweep.returncode == 0, sweep.stdout + sweep.stderr
     runs = {}

@@ -25,13 +25,12 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from dlrun import CONF_DIR
-from tests.conftest import run_process
+from tests.conftest import DLRUN, run_process
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-DLRUN = [sys.executable, "-m", "dlrun.cli"]
 DLRUN_EVAL = [sys.executable, "-m", "dlrun.evaluate"]
 DLRUN_SUMMARY = [sys.executable, "-m", "dlrun.sweep.summary"]
 QUIET = ("print_config=false", "callbacks.model_summary=false", "callbacks.progress_bar=false")

@@ -28,9 +28,8 @@ from dlrun.run import build_experiment, build_trainer
 from dlrun.rundir import RunDir, RunInterrupted, load_checkpoint
 from dlrun.training.callbacks import Diverged, DivergenceGuard
 from dlrun.training.grouping import GroupedExecution
-from tests.conftest import reads_progress_bar, run_process, sigterm_after_two_epochs
+from tests.conftest import DLRUN, reads_progress_bar, run_process, sigterm_after_two_epochs
 
-DLRUN = [sys.executable, "-m", "dlrun.cli"]
 DLRUN_EVAL = [sys.executable, "-m", "dlrun.evaluate"]
 QUIET = ("print_config=false", "callbacks.model_summary=false", "callbacks.progress_bar=false")
 

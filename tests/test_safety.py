@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import run_process
+from tests.conftest import DLRUN, run_process
 from tests.test_data import _write_cifar
 
-DLRUN = [sys.executable, "-m", "dlrun.cli"]
 DLRUN_EVAL = [sys.executable, "-m", "dlrun.evaluate"]
 DLRUN_SUMMARY = [sys.executable, "-m", "dlrun.sweep.summary"]
 QUIET = ("print_config=false", "callbacks.model_summary=false", "callbacks.progress_bar=false")

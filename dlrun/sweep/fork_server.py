@@ -20,8 +20,7 @@ What a child inherits beyond a fresh process's state is the imported modules; th
 are seeded by the job itself (seed_everything), as in a fresh process.
 
 Protocol: JSON lines. The server says {"ready": bool, "reason": str}; the launcher sends one request per
-job ({"argv", "cwd", "env", "log"}; "stderr" when it goes to a file of its own, "module" when the job runs
-another of dlrun's commands than dlrun.cli); the server answers {"started": pid} at once and {"exited": pid,
+job ({"argv", "cwd", "env", "log", "module"}, and "stderr" when it goes to a file of its own); the server answers {"started": pid} at once and {"exited": pid,
 "returncode": code} when the child ends (code as subprocess's: negative for a signal).
 """
 
@@ -171,7 +170,7 @@ def main() -> None:
     if request is None:
         return
     _become(request)
-    os._exit(_run_job(request.get("module", "dlrun.cli")))
+    os._exit(_run_job(request["module"]))
 
 
 # --- the launcher's side ------------------------------------------------------------------------------
